@@ -1,1 +1,18 @@
+//! ccnet host toolchain: everything that runs on a workstation or cluster node.
+//!
+//! * [`cli`]: the `ccnet` command line, one module per subcommand.
+//! * [`container`]: writes `.ccn` containers (the reader lives in `ccnet-shared`).
+//! * [`fsutil`]: atomic file writes.
+//! * [`paths`]: where the real datasets are found.
+//! * [`report`]: model summaries shared by commands.
 
+pub mod cli;
+pub mod container;
+pub mod fsutil;
+pub mod paths;
+pub mod report;
+
+/// The error every not-yet-built feature returns, so nothing pretends to work.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not implemented yet")]
+pub struct NotImplemented(pub &'static str);

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `ccnet` binary.
+
+fn main() -> std::process::ExitCode {
+    ccnet_host::cli::main()
+}

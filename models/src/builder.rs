@@ -99,7 +99,12 @@ impl Builder {
     }
 
     /// A chain of hidden 3 × 3 layers of `base` channels.
-    pub(crate) fn conv_block(&mut self, mut x: NodeId, base: u32, n: usize) -> Result<NodeId, ModelError> {
+    pub(crate) fn conv_block(
+        &mut self,
+        mut x: NodeId,
+        base: u32,
+        n: usize,
+    ) -> Result<NodeId, ModelError> {
         for _ in 0..n {
             x = self.conv_relu(x, base, 3)?;
         }
@@ -120,7 +125,14 @@ impl Builder {
     }
 
     /// Transposed convolution to exactly `out` channels, upsampling by `stride`.
-    pub(crate) fn up(&mut self, x: NodeId, out: u32, kernel: u16, stride: u16, padding: u16) -> NodeId {
+    pub(crate) fn up(
+        &mut self,
+        x: NodeId,
+        out: u32,
+        kernel: u16,
+        stride: u16,
+        padding: u16,
+    ) -> NodeId {
         let op = Op::ConvTranspose2d(ConvTranspose2d {
             input: x,
             in_channels: self.channels(x),

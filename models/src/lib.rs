@@ -93,7 +93,10 @@ pub struct UnknownArch;
 
 impl fmt::Display for UnknownArch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "unknown architecture (expected one of: unet, fcn, cumed)")
+        write!(
+            f,
+            "unknown architecture (expected one of: unet, fcn, cumed)"
+        )
     }
 }
 

@@ -38,7 +38,10 @@ fn width_scaling_is_roughly_quadratic_and_monotone() {
             prev = p;
             let ratio = p / (base * a.value() * a.value());
             // Input and classifier layers do not scale, so small α sits above α².
-            assert!((0.95..1.6).contains(&ratio), "{arch} α=1/{den} ratio {ratio}");
+            assert!(
+                (0.95..1.6).contains(&ratio),
+                "{arch} α=1/{den} ratio {ratio}"
+            );
         }
     }
 }
@@ -61,7 +64,10 @@ fn graphs_have_valid_shapes_for_their_input_multiple() {
                 g.infer_shapes(side, side + arch.input_multiple(), &mut shapes)
                     .unwrap();
                 let out = shapes.last().unwrap();
-                assert_eq!((out.c, out.h, out.w), (1, side, side + arch.input_multiple()));
+                assert_eq!(
+                    (out.c, out.h, out.w),
+                    (1, side, side + arch.input_multiple())
+                );
                 assert!(matches!(nodes.last(), Some(Op::Argmax { .. })));
                 // Logits have `classes` channels.
                 assert_eq!(shapes[nodes.len() - 2].c, 2);

@@ -179,7 +179,11 @@ mod tests {
         assert_eq!(Alpha::parse("1.5").unwrap_err(), AlphaError::GreaterThanOne);
         assert_eq!(Alpha::parse("3/2").unwrap_err(), AlphaError::GreaterThanOne);
         for bad in ["", "abc", "1/0", "1/", "/2", "0.1.2", "1e-3", "nan"] {
-            assert_eq!(Alpha::parse(bad).unwrap_err(), AlphaError::Malformed, "{bad}");
+            assert_eq!(
+                Alpha::parse(bad).unwrap_err(),
+                AlphaError::Malformed,
+                "{bad}"
+            );
         }
         assert_eq!(Alpha::new(1, 16).unwrap().to_string_buf(), *b"1/16");
     }
@@ -203,7 +207,10 @@ mod tests {
         let a = Alpha::new(1, 16).unwrap();
         assert_eq!(a.scale(64).unwrap(), 4);
         assert_eq!(a.scale(8).unwrap(), 1); // 0.5 rounds up
-        assert_eq!(a.scale(7).unwrap_err(), AlphaError::ZeroChannels { base: 7 });
+        assert_eq!(
+            a.scale(7).unwrap_err(),
+            AlphaError::ZeroChannels { base: 7 }
+        );
         let b = Alpha::new(3, 10).unwrap();
         assert_eq!(b.scale(64).unwrap(), 19); // 19.2
         assert_eq!(b.scale(5).unwrap(), 2); // 1.5 rounds up

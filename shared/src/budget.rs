@@ -79,9 +79,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, BudgetError> {
     } else {
         int.parse().map_err(|_| BudgetError::TooLarge)?
     };
-    let mut bytes = int_v
-        .checked_mul(multiplier)
-        .ok_or(BudgetError::TooLarge)?;
+    let mut bytes = int_v.checked_mul(multiplier).ok_or(BudgetError::TooLarge)?;
     if !frac.is_empty() {
         let scale = 10u128.pow(frac.len() as u32);
         let frac_v: u128 = frac.parse().map_err(|_| BudgetError::BadNumber)?;

@@ -534,8 +534,7 @@ impl<'a> Graph<'a> {
                     c.out_channels
                 }
                 Op::ConvTranspose2d(c) => {
-                    if c.out_channels == 0 || c.kernel == 0 || c.stride == 0 || c.in_channels == 0
-                    {
+                    if c.out_channels == 0 || c.kernel == 0 || c.stride == 0 || c.in_channels == 0 {
                         return zero;
                     }
                     check(c.in_channels, first(0))?;
@@ -638,10 +637,7 @@ impl<'a> Graph<'a> {
                     }
                     (a.h, a.w)
                 }
-                Op::BatchNorm { .. }
-                | Op::Relu { .. }
-                | Op::Softmax { .. }
-                | Op::Argmax { .. } => {
+                Op::BatchNorm { .. } | Op::Relu { .. } | Op::Softmax { .. } | Op::Argmax { .. } => {
                     let s = src(0);
                     (s.h, s.w)
                 }

@@ -77,7 +77,13 @@ mod tests {
         assert_eq!(quantize_multiplier(-1.0), None);
         assert_eq!(quantize_multiplier(f64::NAN), None);
         let r = quantize_multiplier(0.5).unwrap();
-        assert_eq!(r, Requant { multiplier: 1 << 30, shift: 0 });
+        assert_eq!(
+            r,
+            Requant {
+                multiplier: 1 << 30,
+                shift: 0
+            }
+        );
     }
 
     proptest! {
