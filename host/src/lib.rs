@@ -1,6 +1,7 @@
 //! ccnet host toolchain: everything that runs on a workstation or cluster node.
 //!
 //! * [`cli`]: the `ccnet` command line, one module per subcommand.
+//! * [`dataset`]: image + mask folders, read lazily, with the bit-depth and colour rules.
 //! * [`container`]: writes `.ccn` containers (the reader lives in `ccnet-shared`).
 //! * [`fsutil`]: atomic file writes.
 //! * [`paths`]: where the real datasets are found.
@@ -8,6 +9,7 @@
 
 pub mod cli;
 pub mod container;
+pub mod dataset;
 pub mod fsutil;
 pub mod paths;
 pub mod report;
