@@ -14,7 +14,7 @@ pub struct ArchArgs {
     #[arg(value_parser = values::arch)]
     pub arch: Arch,
     /// Width multiplier, e.g. 1/8 or 0.125 (0 < α ≤ 1).
-    #[arg(long, default_value = "1", value_parser = values::alpha)]
+    #[arg(long, default_value = "1", value_parser = values::alpha, allow_hyphen_values = true)]
     pub alpha: Alpha,
     /// Input size HxW (multiples of 16 for unet, 32 for fcn, 8 for cumed).
     #[arg(long, default_value = "256x256", value_parser = values::size)]
