@@ -85,8 +85,36 @@ pub enum WriteError {
     TooLarge,
 }
 
-/// Serialises a model into container bytes and validates them with the reader.
-pub fn write(spec: &ModelSpec<'_>, tensors: &[TensorData]) -> Result<Vec<u8>, WriteError> {
+/// A tensor's description without its bytes, for computing exact file sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// Owning node.
+    pub node: NodeId,
+    /// Role for that node.
+    pub role: ParamRole,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub dims: [u32; 4],
+}
+
+impl TensorData {
+    /// The description of this tensor.
+    pub fn meta(&self) -> TensorMeta {
+        TensorMeta {
+            node: self.node,
+            role: self.role,
+            dtype: self.dtype,
+            dims: self.dims,
+        }
+    }
+}
+
+/// Builds the header (tensor offsets included) and the data-section length.
+fn build_header<'a>(
+    spec: &ModelSpec<'a>,
+    tensors: &[TensorMeta],
+) -> Result<(Header<'a>, usize), WriteError> {
     let mut header = Header {
         graph: heapless::Vec::new(),
         tensors: heapless::Vec::new(),
@@ -112,6 +140,39 @@ pub fn write(spec: &ModelSpec<'_>, tensors: &[TensorData]) -> Result<Vec<u8>, Wr
         })?;
     let mut data_len = 0usize;
     for t in tensors {
+        let bytes = t.dims.iter().map(|&d| u64::from(d)).product::<u64>() * t.dtype.size() as u64;
+        let offset = align_up(data_len);
+        let info = TensorInfo {
+            node: t.node,
+            role: t.role,
+            dtype: t.dtype,
+            dims: t.dims,
+            offset: u32::try_from(offset).map_err(|_| WriteError::TooLarge)?,
+            len: u32::try_from(bytes).map_err(|_| WriteError::TooLarge)?,
+        };
+        header.tensors.push(info).map_err(|_| WriteError::TooMany {
+            what: "tensors",
+            count: tensors.len(),
+            max: MAX_TENSORS,
+        })?;
+        data_len = offset + bytes as usize;
+    }
+    validate_header(&header, data_len).map_err(WriteError::Invalid)?;
+    Ok((header, data_len))
+}
+
+/// Exact size in bytes of the container [`write`] would produce for tensors of these
+/// shapes and types, without needing their values.
+pub fn encoded_len(spec: &ModelSpec<'_>, tensors: &[TensorMeta]) -> Result<u64, WriteError> {
+    let (header, data_len) = build_header(spec, tensors)?;
+    let header_bytes = postcard::to_allocvec(&header)?;
+    let pre = Preamble::for_lengths(header_bytes.len(), data_len).ok_or(WriteError::TooLarge)?;
+    Ok(pre.file_len())
+}
+
+/// Serialises a model into container bytes and validates them with the reader.
+pub fn write(spec: &ModelSpec<'_>, tensors: &[TensorData]) -> Result<Vec<u8>, WriteError> {
+    for t in tensors {
         let expected =
             t.dims.iter().map(|&d| u64::from(d)).product::<u64>() * t.dtype.size() as u64;
         if expected != t.bytes.len() as u64 {
@@ -122,23 +183,9 @@ pub fn write(spec: &ModelSpec<'_>, tensors: &[TensorData]) -> Result<Vec<u8>, Wr
                 found: t.bytes.len(),
             });
         }
-        let offset = align_up(data_len);
-        let info = TensorInfo {
-            node: t.node,
-            role: t.role,
-            dtype: t.dtype,
-            dims: t.dims,
-            offset: u32::try_from(offset).map_err(|_| WriteError::TooLarge)?,
-            len: u32::try_from(t.bytes.len()).map_err(|_| WriteError::TooLarge)?,
-        };
-        header.tensors.push(info).map_err(|_| WriteError::TooMany {
-            what: "tensors",
-            count: tensors.len(),
-            max: MAX_TENSORS,
-        })?;
-        data_len = offset + t.bytes.len();
     }
-    validate_header(&header, data_len).map_err(WriteError::Invalid)?;
+    let metas: Vec<TensorMeta> = tensors.iter().map(TensorData::meta).collect();
+    let (header, data_len) = build_header(spec, &metas)?;
     let header_bytes = postcard::to_allocvec(&header)?;
     let pre = Preamble::for_lengths(header_bytes.len(), data_len).ok_or(WriteError::TooLarge)?;
     let total = usize::try_from(pre.file_len()).map_err(|_| WriteError::TooLarge)?;

@@ -4,15 +4,19 @@
 //! * [`dataset`]: image + mask folders, read lazily, with the bit-depth and colour rules.
 //! * [`container`]: writes `.ccn` containers (the reader lives in `ccnet-shared`).
 //! * [`fsutil`]: atomic file writes.
+//! * [`pack`]: batch-norm folding, weight storage types, budget-checked packing.
 //! * [`paths`]: where the real datasets are found.
 //! * [`report`]: model summaries shared by commands.
+//! * [`weights`]: float weights by stable name, safetensors import and export.
 
 pub mod cli;
 pub mod container;
 pub mod dataset;
 pub mod fsutil;
+pub mod pack;
 pub mod paths;
 pub mod report;
+pub mod weights;
 
 /// The error every not-yet-built feature returns, so nothing pretends to work.
 #[derive(Debug, thiserror::Error)]
