@@ -1,5 +1,6 @@
 //! ccnet host toolchain: everything that runs on a workstation or cluster node.
 //!
+//! * [`calib`]: the accuracy model: fits of equations (1) and (2), α selection.
 //! * [`cli`]: the `ccnet` command line, one module per subcommand.
 //! * [`dataset`]: image + mask folders, read lazily, with the bit-depth and colour rules.
 //! * [`container`]: writes `.ccn` containers (the reader lives in `ccnet-shared`).
@@ -9,6 +10,7 @@
 //! * [`report`]: model summaries shared by commands.
 //! * [`weights`]: float weights by stable name, safetensors import and export.
 
+pub mod calib;
 pub mod cli;
 pub mod container;
 pub mod dataset;
