@@ -2,21 +2,25 @@
 //!
 //! * [`calib`]: the accuracy model: fits of equations (1) and (2), α selection.
 //! * [`cli`]: the `ccnet` command line, one module per subcommand.
+//! * [`complexity`]: image complexity measures (J, B, JB and the other candidates).
 //! * [`dataset`]: image + mask folders, read lazily, with the bit-depth and colour rules.
 //! * [`container`]: writes `.ccn` containers (the reader lives in `ccnet-shared`).
 //! * [`fsutil`]: atomic file writes.
 //! * [`pack`]: batch-norm folding, weight storage types, budget-checked packing.
 //! * [`paths`]: where the real datasets are found.
+//! * [`plot`]: PNG bar charts and x–y plots with fitted lines.
 //! * [`report`]: model summaries shared by commands.
 //! * [`weights`]: float weights by stable name, safetensors import and export.
 
 pub mod calib;
 pub mod cli;
+pub mod complexity;
 pub mod container;
 pub mod dataset;
 pub mod fsutil;
 pub mod pack;
 pub mod paths;
+pub mod plot;
 pub mod report;
 pub mod weights;
 
