@@ -265,7 +265,7 @@ pub fn bar_chart_png(chart: &BarChart, size: (u32, u32)) -> Result<Vec<u8>, Plot
             .y_desc(chart.y_label.as_str())
             .y_label_style((FONT, 15))
             .axis_desc_style((FONT, 16))
-            .light_line_style(RGBColor(235, 235, 235))
+            .light_line_style(WHITE)
             .draw()
             .map_err(err)?;
         let k = chart.series.len() as f64;
@@ -367,7 +367,7 @@ pub fn xy_plot_png(plot: &XyPlot, size: (u32, u32)) -> Result<Vec<u8>, PlotError
             .y_desc(plot.y_label.as_str())
             .label_style((FONT, 15))
             .axis_desc_style((FONT, 16))
-            .light_line_style(RGBColor(235, 235, 235))
+            .light_line_style(WHITE)
             .draw()
             .map_err(err)?;
         for (i, s) in plot.series.iter().enumerate() {

@@ -38,9 +38,10 @@ pub struct ComplexityArgs {
     /// Which LoG blobs count for B: bright, dark or both.
     #[arg(long, default_value = "both", value_parser = parse_polarity)]
     pub blob_polarity: Polarity,
-    /// Measure colour images in their own channels (native) or as gray.
-    #[arg(long, default_value = "native", value_parser = parse_color)]
-    pub color: ColorRule,
+    /// Channels J encodes: gray (BT.601 luma of every image) or native (gray images as
+    /// 1 channel, colour images as 3).
+    #[arg(long, default_value = "gray", value_parser = parse_color)]
+    pub j_color: ColorRule,
     /// Accept non-binary masks: `value > T` is foreground (default: only 0 and 255).
     #[arg(long, value_name = "T")]
     pub mask_threshold: Option<u16>,
@@ -75,7 +76,7 @@ pub fn settings(a: &ComplexityArgs) -> Settings {
             polarity: a.blob_polarity,
             ..BlobSettings::default()
         },
-        color: a.color,
+        color: a.j_color,
         check_masks: !a.images_only,
         mask_threshold: a.mask_threshold,
         ..Settings::default()
@@ -156,8 +157,9 @@ pub fn chart(report: &Report) -> plot::BarChart {
     plot::BarChart {
         title: "Dataset complexity, normalised to [0, 1] across datasets".to_string(),
         subtitle: format!(
-            "JPEG q{}; LoG σ {}–{} px, {} scales, t={}, {:?}; JB λ={}; edges {} levels; clutter {} Haar levels",
+            "J: JPEG q{} {:?}; B: LoG σ {}–{} px, {} scales, t={}, {:?}; JB λ={}; edges {} levels; clutter {} Haar levels",
             s.jpeg_quality,
+            s.color,
             s.blob.sigma_min,
             s.blob.sigma_max,
             s.blob.num_sigma,

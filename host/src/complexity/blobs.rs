@@ -61,7 +61,8 @@ impl Default for BlobSettings {
             sigma_max: 16.0,
             num_sigma: 7,
             log_threshold: 0.1,
-            doh_threshold: 0.1 * 0.1 / 4.0,
+            // (log_threshold)² / 4: the same blob contrast as the LoG threshold.
+            doh_threshold: 0.0025,
             overlap: 0.5,
             truncate: 4.0,
             polarity: Polarity::Both,

@@ -8,12 +8,14 @@
 //! * [`filters`]: the hand-written convolution, Gaussian kernels and pyramid they share.
 //!
 //! Rules, stated once (they are also recorded in every output through [`Settings`]):
-//! * J is computed on the image as stored: gray images as 1 channel, colour images as
-//!   3 (raw size `w·h·c`). So a dataset that mixes gray and colour images is measured
-//!   image by image in each image's own channels ([`ColorRule::Native`]), and the
-//!   counts of each kind are reported; [`ColorRule::Gray`] converts every image to luma
-//!   first instead. All the other measures work on the gray (BT.601 luma) image in
-//!   [0, 1], except clutter, which also uses the chroma of colour images.
+//! * J is computed on the gray (BT.601 luma) image by default ([`ColorRule::Gray`]),
+//!   raw size `w·h` bytes. Reason: J must be comparable across datasets and within a
+//!   dataset that mixes gray and colour images; in colour, the raw size triples while
+//!   the chroma adds few JPEG bytes, so the same scene would score about a third of its
+//!   gray J. [`ColorRule::Native`] instead encodes each image in its own channels
+//!   (raw size `w·h·c`). The counts of gray and colour images are always reported.
+//! * Every other measure works on the gray image in [0, 1], except clutter, which by
+//!   its definition also uses the chroma of colour images (whatever the rule for J).
 //! * Densities (B, key points) are counts per `cell_area` pixels (see
 //!   [`BlobSettings::cell_area`]), measured at the image's own resolution.
 //! * JB = λ·J + (1 − λ)·B per image; its mean is λ·mean(J) + (1 − λ)·mean(B).
@@ -59,13 +61,13 @@ pub enum ComplexityError {
     Settings(String),
 }
 
-/// How images of different colour types are measured.
+/// Which channels J encodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ColorRule {
-    /// Each image in its own channels (gray as 1, colour as 3) for J and clutter.
+    /// Each image in its own channels (gray as 1, colour as 3).
     Native,
-    /// Every image converted to gray (BT.601 luma) first.
+    /// Every image converted to gray (BT.601 luma) first (the default).
     Gray,
 }
 
@@ -84,7 +86,7 @@ pub struct Settings {
     pub clutter_levels: u32,
     /// Histogram bin width for sub-band entropy (coefficients of [0, 1] images).
     pub clutter_bin: f64,
-    /// Colour rule.
+    /// Channels J encodes.
     pub color: ColorRule,
     /// Read and check masks where the dataset has them (pairing, size, binary values).
     pub check_masks: bool,
@@ -106,7 +108,7 @@ impl Default for Settings {
             edge_levels: 4,
             clutter_levels: 3,
             clutter_bin: 1.0 / 256.0,
-            color: ColorRule::Native,
+            color: ColorRule::Gray,
             check_masks: true,
             mask_threshold: None,
         }
@@ -140,7 +142,7 @@ impl Settings {
     pub fn describe(&self) -> String {
         let b = &self.blob;
         format!(
-            "J: JPEG quality {} (4:4:4, baseline), colour {:?}; B: LoG sigma {}..{} px, {} log-spaced scales, \
+            "J: JPEG quality {} (4:4:4, baseline), channels {:?}; B: LoG sigma {}..{} px, {} log-spaced scales, \
              threshold {}, overlap {}, polarity {:?}, per {} px^2; keypoints: DoH threshold {}; \
              JB lambda {}; edges: {} pyramid levels; clutter: {} Haar levels, bin {:.5}",
             self.jpeg_quality,
@@ -268,17 +270,15 @@ pub struct DatasetComplexity {
 
 /// Measures one 8-bit image (gray or RGB) with `s`.
 pub fn measure_image(img: &Image8, s: &Settings) -> Result<(Measures, usize, usize), String> {
-    let img = match s.color {
-        ColorRule::Gray if img.channels == 3 => std::borrow::Cow::Owned(img.to_gray()),
-        _ => std::borrow::Cow::Borrowed(img),
-    };
-    let img = img.as_ref();
     if img.width == 0 || img.height == 0 {
         return Err("empty image".to_string());
     }
-    let j = jpeg::jpeg_ratio(img, s.jpeg_quality)?;
-    let (w, h) = (img.width as usize, img.height as usize);
     let gray = img.to_gray();
+    let j = match s.color {
+        ColorRule::Gray => jpeg::jpeg_ratio(&gray, s.jpeg_quality)?,
+        ColorRule::Native => jpeg::jpeg_ratio(img, s.jpeg_quality)?,
+    };
+    let (w, h) = (img.width as usize, img.height as usize);
     let plane = Plane::from_u8(w, h, &gray.data);
     drop(gray);
     let det = blobs::detect(&plane, &s.blob);
