@@ -173,12 +173,11 @@ pub(crate) fn forward(
     let nodes = model.graph().nodes();
     let int8 = model.precision() == Precision::Int8;
     let fast = model.kernels == Kernels::Fast;
-    for i in 0..plan.len {
+    for (i, &op) in nodes.iter().enumerate().take(plan.len) {
         if !plan.needed[i] {
             continue;
         }
         let node = i as NodeId;
-        let op = nodes[i];
         let shape = plan.shapes[i];
         let (oh, ow) = (shape.h as usize, shape.w as usize);
         let out_range = data_range(plan, i);

@@ -237,17 +237,16 @@ impl<'a> Model<'a> {
             }
         }
         for (i, t) in header.tensors.iter().enumerate() {
-            let ok = match (precision, t.role, t.dtype) {
+            let ok = matches!(
+                (precision, t.role, t.dtype),
                 (
                     Precision::Float,
                     ParamRole::Weight | ParamRole::Bias,
-                    DType::F32 | DType::F16,
-                ) => true,
-                (Precision::Int8, ParamRole::Weight, DType::I8) => true,
-                (Precision::Int8, ParamRole::Bias, DType::I32) => true,
-                (Precision::Int8, ParamRole::WeightScale, DType::F32) => true,
-                _ => false,
-            };
+                    DType::F32 | DType::F16
+                ) | (Precision::Int8, ParamRole::Weight, DType::I8)
+                    | (Precision::Int8, ParamRole::Bias, DType::I32)
+                    | (Precision::Int8, ParamRole::WeightScale, DType::F32)
+            );
             if !ok {
                 return Err(DeviceError::UnsupportedDType { tensor: i as u16 });
             }
@@ -529,15 +528,13 @@ impl<'a> Model<'a> {
                         return Err(bad);
                     }
                 }
-                Op::Concat { .. } => {
-                    if !rescale_ok(qin(0)?) || !rescale_ok(qin(1)?) {
-                        return Err(bad);
-                    }
+                Op::Concat { .. } if !rescale_ok(qin(0)?) || !rescale_ok(qin(1)?) => {
+                    return Err(bad);
                 }
-                Op::Relu { .. } | Op::MaxPool { .. } | Op::Upsample { .. } => {
-                    if !rescale_ok(qin(0)?) {
-                        return Err(bad);
-                    }
+                Op::Relu { .. } | Op::MaxPool { .. } | Op::Upsample { .. }
+                    if !rescale_ok(qin(0)?) =>
+                {
+                    return Err(bad);
                 }
                 _ => {}
             }

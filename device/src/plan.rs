@@ -61,8 +61,8 @@ impl ArenaPlan {
         }
         // Last reader of every needed node (the target is read at the end).
         let mut last = [0usize; MAX_NODES];
-        for i in 0..=t {
-            last[i] = i;
+        for (i, slot) in last.iter_mut().enumerate().take(t + 1) {
+            *slot = i;
         }
         for i in 0..=t {
             if needed[i] {

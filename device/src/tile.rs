@@ -188,7 +188,7 @@ impl Model<'_> {
     pub fn tile_plan(&self, height: u32, width: u32) -> Result<TilePlan, DeviceError> {
         let geometry = geometry(&self.graph())?;
         let d = geometry.multiple;
-        if height == 0 || width == 0 || height % d != 0 || width % d != 0 {
+        if height == 0 || width == 0 || height / d * d != height || width / d * d != width {
             return Err(DeviceError::ImageSize { multiple: d });
         }
         let (th, tw) = self.tile_size();
