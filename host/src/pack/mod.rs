@@ -6,6 +6,8 @@
 //! numbers that show why ([`PackError::OverBudget`]).
 
 pub mod fold;
+pub mod int8;
+pub mod reference;
 
 use ccnet_shared::format::{DType, InputGeometry, Metadata};
 use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole};
@@ -100,9 +102,12 @@ pub enum PackError {
         /// Everything else in the file.
         overhead: u64,
     },
-    /// A storage type that packing cannot produce yet.
-    #[error("{0} packing is not implemented yet")]
-    NotImplemented(&'static str),
+    /// int8 packing needs calibration inputs for the activation ranges.
+    #[error("int8 packing needs calibration images to measure activation ranges")]
+    NeedsCalibration,
+    /// Running the float model on calibration inputs failed.
+    #[error("calibration run: {0}")]
+    Reference(reference::ReferenceError),
     /// The graph still has batch norm (fold it first).
     #[error("node {0} is a batch norm; fold batch norm before packing")]
     UnfoldedBatchNorm(NodeId),
@@ -217,7 +222,7 @@ pub fn pack(
 ) -> Result<Vec<u8>, PackError> {
     let tensors = match quant {
         Quant::F32 | Quant::F16 => float_tensors(&model.graph, &model.weights, quant)?,
-        Quant::Int8 => return Err(PackError::NotImplemented("int8")),
+        Quant::Int8 => return Err(PackError::NeedsCalibration),
     };
     let spec = ModelSpec {
         graph: &model.graph,
@@ -226,6 +231,29 @@ pub fn pack(
         metadata: info.metadata,
     };
     let bytes = write(&spec, &tensors)?;
+    if let Some(budget) = budget {
+        check_budget(&model.graph, quant, bytes.len() as u64, budget)?;
+    }
+    Ok(bytes)
+}
+
+/// Packs as `quant`; int8 measures activation ranges on `calibration` inputs (planar,
+/// normalised, with their heights and widths) first.
+pub fn pack_calibrated(
+    model: &FloatModel,
+    quant: Quant,
+    budget: Option<u64>,
+    info: &PackInfo<'_>,
+    calibration: &[(Vec<f32>, u32, u32)],
+) -> Result<Vec<u8>, PackError> {
+    if quant != Quant::Int8 {
+        return pack(model, quant, budget, info);
+    }
+    if calibration.is_empty() {
+        return Err(PackError::NeedsCalibration);
+    }
+    let ranges = int8::measure_ranges(model, info, calibration)?;
+    let bytes = int8::pack_int8(model, info, &ranges)?;
     if let Some(budget) = budget {
         check_budget(&model.graph, quant, bytes.len() as u64, budget)?;
     }
