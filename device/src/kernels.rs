@@ -361,9 +361,124 @@ pub fn conv2d_f32_ref(
     Ok(())
 }
 
-/// Fast f32 convolution, bit-identical to [`conv2d_f32_ref`]: output channels in blocks
-/// of four, the innermost loop along an output row.
+/// Output channels computed together by [`conv2d_f32_fast`].
+const OC_BLOCK: usize = 4;
+/// Output pixels (along a row) computed together by [`conv2d_f32_fast`].
+const PX_BLOCK: usize = 8;
+/// Decoded weights held on the stack by [`conv2d_f32_fast`] (8 KiB).
+const W_BUF: usize = 2048;
+
+/// Fast f32 convolution, bit-identical to [`conv2d_f32_ref`]. Register blocking: a tile
+/// of 4 output channels × 8 output pixels accumulates over a chunk of input channels
+/// and the kernel taps, with the chunk's weights decoded once into a stack buffer; each
+/// output's terms are still added in the reference order (partial sums go back to the
+/// output between chunks, which is exact).
 pub fn conv2d_f32_fast(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    g.check(x.len(), y.len(), w.len(), bias.map(|b| b.len()))?;
+    let kk = g.k * g.k;
+    if kk * OC_BLOCK > W_BUF {
+        return conv2d_f32_rows(g, x, w, bias, relu, y);
+    }
+    let plane = g.oh * g.ow;
+    let in_plane = g.ih * g.iw;
+    let (s, d, k) = (g.stride, g.dil, g.k);
+    let ic_chunk = (W_BUF / (kk * OC_BLOCK)).clamp(1, g.cin);
+    let mut wbuf = [0f32; W_BUF];
+    // Valid output columns of every kernel column (k ≤ 22 here).
+    let mut cols = [(0usize, 0usize); 24];
+    for (kx, c) in cols.iter_mut().enumerate().take(k) {
+        *c = valid_range(g.ow, g.iw, s, kx * d, g.pad);
+    }
+    for (blk, ys) in y.chunks_mut(OC_BLOCK * plane).enumerate() {
+        let oc0 = OC_BLOCK * blk;
+        let nb = ys.len() / plane;
+        for (j, p) in ys.chunks_mut(plane).enumerate() {
+            p.fill(bias.map_or(0.0, |b| b.get(oc0 + j)));
+        }
+        let mut ic0 = 0;
+        while ic0 < g.cin {
+            let nic = ic_chunk.min(g.cin - ic0);
+            for ici in 0..nic {
+                for t in 0..kk {
+                    for j in 0..OC_BLOCK {
+                        wbuf[(ici * kk + t) * OC_BLOCK + j] = if j < nb {
+                            w.get(((oc0 + j) * g.cin + ic0 + ici) * kk + t)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            for oy in 0..g.oh {
+                let mut bx = 0;
+                while bx < g.ow {
+                    let bn = PX_BLOCK.min(g.ow - bx);
+                    let mut acc = [[0f32; PX_BLOCK]; OC_BLOCK];
+                    for (j, a) in acc.iter_mut().enumerate().take(nb) {
+                        a[..bn].copy_from_slice(&ys[j * plane + oy * g.ow + bx..][..bn]);
+                    }
+                    for ici in 0..nic {
+                        let xin = &x[(ic0 + ici) * in_plane..(ic0 + ici + 1) * in_plane];
+                        for ky in 0..k {
+                            let Some(iy) = tap(oy, s, ky * d, g.pad, g.ih) else {
+                                continue;
+                            };
+                            let xrow = &xin[iy * g.iw..(iy + 1) * g.iw];
+                            for (kx, &(c0, c1)) in cols.iter().enumerate().take(k) {
+                                let (lo, hi) = (c0.max(bx), c1.min(bx + bn));
+                                if lo >= hi {
+                                    continue;
+                                }
+                                let wi = (ici * kk + ky * k + kx) * OC_BLOCK;
+                                let wv = [wbuf[wi], wbuf[wi + 1], wbuf[wi + 2], wbuf[wi + 3]];
+                                let ix0 = lo * s + kx * d - g.pad;
+                                if s == 1 && lo == bx && hi == bx + PX_BLOCK {
+                                    let mut xs = [0f32; PX_BLOCK];
+                                    xs.copy_from_slice(&xrow[ix0..ix0 + PX_BLOCK]);
+                                    for (a, &wj) in acc.iter_mut().zip(&wv) {
+                                        for (av, &xv) in a.iter_mut().zip(&xs) {
+                                            *av += wj * xv;
+                                        }
+                                    }
+                                } else {
+                                    for t in 0..hi - lo {
+                                        let xv = xrow[ix0 + t * s];
+                                        for (a, &wj) in acc.iter_mut().zip(&wv) {
+                                            a[lo - bx + t] += wj * xv;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate().take(nb) {
+                        ys[j * plane + oy * g.ow + bx..][..bn].copy_from_slice(&a[..bn]);
+                    }
+                    bx += bn;
+                }
+            }
+            ic0 += nic;
+        }
+        if relu {
+            for v in ys.iter_mut() {
+                *v = relu_f32(*v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Row-wise f32 convolution (four output channels share each input row), bit-identical
+/// to [`conv2d_f32_ref`]; used by [`conv2d_f32_fast`] for kernels too large for its
+/// weight buffer.
+pub fn conv2d_f32_rows(
     g: &ConvGeom,
     x: &[f32],
     w: Params<'_>,

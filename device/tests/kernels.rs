@@ -100,6 +100,9 @@ proptest! {
         conv2d_f32_ref(&g, &x, w, b, c.relu, &mut y0).unwrap();
         conv2d_f32_fast(&g, &x, w, b, c.relu, &mut y1).unwrap();
         prop_assert_eq!(bits(&y0), bits(&y1));
+        let mut y2 = vec![f32::NAN; g.cout * g.oh * g.ow];
+        conv2d_f32_rows(&g, &x, w, b, c.relu, &mut y2).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y2));
     }
 
     #[test]
@@ -303,6 +306,20 @@ fn f16_conversion_is_exact() {
     assert!(f16_to_f32(0x7c00).is_infinite());
     assert!(f16_to_f32(0x7e00).is_nan());
     assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+}
+
+#[test]
+fn large_kernels_take_the_row_path_and_still_match() {
+    // k = 23: too large for the register-blocked kernel's weight buffer.
+    let g = ConvGeom::conv(2, 5, 30, 27, 23, 1, 11, 1).unwrap();
+    let mut r = Rng(42);
+    let x: Vec<f32> = (0..2 * 30 * 27).map(|_| r.f32()).collect();
+    let w = f32_bytes(&(0..2 * 5 * 23 * 23).map(|_| r.f32()).collect::<Vec<_>>());
+    let mut y0 = vec![0.0; 5 * g.oh * g.ow];
+    let mut y1 = vec![1.0; 5 * g.oh * g.ow];
+    conv2d_f32_ref(&g, &x, Params::F32(&w), None, true, &mut y0).unwrap();
+    conv2d_f32_fast(&g, &x, Params::F32(&w), None, true, &mut y1).unwrap();
+    assert_eq!(bits(&y0), bits(&y1));
 }
 
 #[test]
