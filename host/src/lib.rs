@@ -10,6 +10,7 @@
 //! * [`paths`]: where the real datasets are found.
 //! * [`plot`]: PNG bar charts and x–y plots with fitted lines.
 //! * [`report`]: model summaries shared by commands.
+//! * [`train`]: candle training and evaluation of the graph IR's networks.
 //! * [`weights`]: float weights by stable name, safetensors import and export.
 
 pub mod calib;
@@ -22,6 +23,7 @@ pub mod pack;
 pub mod paths;
 pub mod plot;
 pub mod report;
+pub mod train;
 pub mod weights;
 
 /// The error every not-yet-built feature returns, so nothing pretends to work.

@@ -1,18 +1,138 @@
-//! `ccnet eval`: not implemented yet.
+//! `ccnet eval`: foreground F1 / IU, latency and overlays of a trained run.
 
-use clap::Args;
+use std::path::PathBuf;
 
-use crate::NotImplemented;
+use anyhow::Result;
+use clap::{Args, ValueEnum};
 
-/// Arguments of `ccnet eval` (not implemented yet).
+use super::train::dataset_dir;
+use crate::train::evaluate::{evaluate, EvalOptions, Images};
+use crate::train::run;
+
+/// Which images to evaluate.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ImagesArg {
+    /// Every image of the dataset.
+    All,
+    /// The run's validation images.
+    Val,
+    /// The run's training images.
+    Train,
+}
+
+/// Arguments of `ccnet eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Arguments (the command is not implemented yet).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
+    /// Run folder written by `ccnet train`.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Dataset: a name under the datasets folder or a folder with images/ and masks/.
+    #[arg(long)]
+    pub dataset: String,
+    /// Which images (default: `val` when the dataset is the run's, else `all`).
+    #[arg(long, value_enum)]
+    pub images: Option<ImagesArg>,
+    /// Tile side for inference (default: the run's).
+    #[arg(long)]
+    pub tile: Option<u32>,
+    /// PNG overlays (image | ground truth | prediction) to write.
+    #[arg(long, default_value_t = 4)]
+    pub overlays: usize,
+    /// Folder for metrics.json and overlays (default: RUN/eval-<dataset>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// cpu, or cuda (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the full report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs `ccnet eval`.
-pub fn run(_a: &EvalArgs) -> anyhow::Result<()> {
-    Err(NotImplemented("ccnet eval").into())
+pub fn run(a: &EvalArgs) -> Result<()> {
+    let device = run::device(&a.device)?;
+    let dir = dataset_dir(&a.dataset)?;
+    let images = match a.images {
+        Some(ImagesArg::All) => Images::All,
+        Some(ImagesArg::Val) => Images::Val,
+        Some(ImagesArg::Train) => Images::Train,
+        None => {
+            let cfg_path = run::config_path(&a.run);
+            let same = std::fs::read_to_string(&cfg_path)
+                .ok()
+                .and_then(|s| serde_json::from_str::<run::RunConfig>(&s).ok())
+                .and_then(|c| {
+                    let a = c.dataset_dir.canonicalize().ok()?;
+                    let b = dir.canonicalize().ok()?;
+                    Some(a == b)
+                })
+                .unwrap_or(false);
+            if same {
+                Images::Val
+            } else {
+                Images::All
+            }
+        }
+    };
+    let opts = EvalOptions {
+        images,
+        tile: a.tile,
+        overlays: a.overlays,
+        out: a.out.clone(),
+        device,
+    };
+    let r = evaluate(&a.run, &dir, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} α={} on {} ({:?} images, tile {}):",
+        r.arch, r.alpha, r.dataset, r.images, r.tile
+    );
+    println!(
+        "{:<28} {:>9} {:>7} {:>7} {:>8} {:>8} {:>10}",
+        "image", "size", "F1", "IU", "true fg", "pred fg", "ms"
+    );
+    for i in &r.per_image {
+        println!(
+            "{:<28} {:>9} {:>7.4} {:>7.4} {:>8.3} {:>8.3} {:>10.1}{}",
+            i.id,
+            format!("{}x{}", i.width, i.height),
+            i.f1,
+            i.iu,
+            i.true_fraction,
+            i.pred_fraction,
+            i.latency_ms,
+            if i.empty_prediction {
+                "  empty prediction"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "mean over {} images: F1 {:.4}, IU {:.4}, {:.1} ms/image; {} empty predictions{}",
+        r.mean.images,
+        r.mean.f1,
+        r.mean.iu,
+        r.mean_latency_ms,
+        r.mean.empty_predictions,
+        if r.mean.collapsed {
+            " — COLLAPSED"
+        } else {
+            ""
+        }
+    );
+    if !r.overlays.is_empty() {
+        println!(
+            "overlays: {}",
+            r.overlays[0]
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
 }

@@ -1,0 +1,391 @@
+//! One candle executor for every graph of the IR: U-Net, FCN, CUMedVision and any later
+//! variant train and run without model-specific code.
+//!
+//! Parameters live in one ordered map keyed by stable names `<param_name>.<role>`
+//! (`conv07.weight`, `conv07.bias`, `convt02.weight`, `bn05.gamma`, `bn05.beta`,
+//! `bn05.running_mean`, `bn05.running_var`), the names of
+//! [`Graph::param_name`] and [`ParamRole::name`]. Shapes are candle's natural ones:
+//! convolution weights `[out, in, k, k]`, transposed-convolution weights
+//! `[in, out, k, k]`, every vector (bias, gamma, beta, running statistics) `[channels]`.
+//!
+//! All convolution calls go through [`conv2d`] and [`conv_transpose2d`] so faster
+//! kernels can be swapped in at one place.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use ccnet_shared::graph::{Graph, Op, ParamRole};
+
+use super::rng::Rng;
+
+/// Batch-norm running-statistics momentum (PyTorch's default).
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// A graph with its parameters on a candle device.
+pub struct Network {
+    nodes: Vec<Op>,
+    device: Device,
+    params: BTreeMap<String, Var>,
+    trainable: Vec<String>,
+    logits: usize,
+}
+
+/// The name of one parameter tensor: `<node name>.<role>`.
+pub fn tensor_name(graph: &Graph<'_>, id: usize, role: ParamRole) -> Result<String> {
+    let pn = graph
+        .param_name(id as u16)
+        .ok_or_else(|| anyhow!("node {id} has no parameters"))?;
+    Ok(format!("{pn}.{}", role.name()))
+}
+
+/// The candle shape of a parameter tensor given the IR's 4-D description.
+fn natural_shape(role: ParamRole, dims: [u32; 4]) -> Vec<usize> {
+    match role {
+        ParamRole::Weight => dims.iter().map(|&d| d as usize).collect(),
+        _ => vec![dims[0] as usize],
+    }
+}
+
+/// The node whose output is the logits: the graph's last node, skipping a trailing
+/// arg-max or softmax head.
+fn logits_node(nodes: &[Op]) -> usize {
+    let mut id = nodes.len() - 1;
+    while let Op::Argmax { input } | Op::Softmax { input } = nodes[id] {
+        id = input as usize;
+    }
+    id
+}
+
+impl Network {
+    /// Builds the network with freshly initialised parameters: He-normal convolution
+    /// weights (from `rng`, so a seed fixes them), zero biases, batch norm `gamma = 1`,
+    /// `beta = 0`, running mean 0 and variance 1.
+    pub fn new(nodes: &[Op], device: &Device, rng: &mut Rng) -> Result<Network> {
+        let graph = Graph::new(nodes).map_err(|e| anyhow!("invalid graph: {e}"))?;
+        let mut params = BTreeMap::new();
+        let mut trainable = Vec::new();
+        for (id, op) in nodes.iter().enumerate() {
+            for &(role, dims) in op.param_tensors().as_slice() {
+                let name = tensor_name(&graph, id, role)?;
+                let shape = natural_shape(role, dims);
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = match role {
+                    ParamRole::Weight => {
+                        let fan_in = match *op {
+                            Op::Conv2d(c) => c.in_channels * u32::from(c.kernel).pow(2),
+                            Op::ConvTranspose2d(c) => {
+                                let k2 = u32::from(c.kernel).pow(2);
+                                let s2 = u32::from(c.stride).pow(2).max(1);
+                                (c.in_channels * k2 / s2).max(1)
+                            }
+                            _ => 1,
+                        };
+                        let std = (2.0 / f64::from(fan_in)).sqrt();
+                        (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                    }
+                    ParamRole::Gamma | ParamRole::RunningVar => vec![1.0; n],
+                    _ => vec![0.0; n],
+                };
+                let t = Tensor::from_vec(data, shape, device)?;
+                params.insert(name.clone(), Var::from_tensor(&t)?);
+                if role.is_trainable() {
+                    trainable.push(name);
+                }
+            }
+        }
+        Ok(Network {
+            nodes: nodes.to_vec(),
+            device: device.clone(),
+            params,
+            trainable,
+            logits: logits_node(nodes),
+        })
+    }
+
+    /// The graph's nodes.
+    pub fn nodes(&self) -> &[Op] {
+        &self.nodes
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every named parameter tensor (trainable ones and batch-norm running statistics).
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    /// Names of the trainable tensors, in graph order.
+    pub fn trainable_names(&self) -> &[String] {
+        &self.trainable
+    }
+
+    /// The trainable variables, in graph order.
+    pub fn trainable_vars(&self) -> Vec<&Var> {
+        self.trainable.iter().map(|n| &self.params[n]).collect()
+    }
+
+    /// Number of trainable scalars held by candle.
+    pub fn trainable_count(&self) -> u64 {
+        self.trainable_vars()
+            .iter()
+            .map(|v| v.elem_count() as u64)
+            .sum()
+    }
+
+    fn p(&self, name: String) -> Result<&Tensor> {
+        self.params
+            .get(&name)
+            .map(|v| v.as_tensor())
+            .ok_or_else(|| anyhow!("missing parameter {name}"))
+    }
+
+    /// Runs the graph on a batch `x` of shape `(N, C, H, W)` and returns the logits
+    /// `(N, classes, H, W)`. In training mode batch norm uses batch statistics and
+    /// updates its running statistics; otherwise it uses the running statistics.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let graph = Graph::new_unchecked(&self.nodes);
+        // Last reader of every node, so intermediate maps are dropped early.
+        let mut last_use = vec![0usize; self.logits + 1];
+        for (id, op) in self.nodes.iter().enumerate().take(self.logits + 1) {
+            for &i in op.inputs().as_slice() {
+                last_use[i as usize] = id;
+            }
+        }
+        let mut vals: Vec<Option<Tensor>> = vec![None; self.logits + 1];
+        for id in 0..=self.logits {
+            let op = self.nodes[id];
+            let get = |i: u16| -> Result<&Tensor> {
+                vals[i as usize]
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("node {i} was freed before node {id}"))
+            };
+            let name = |role| tensor_name(&graph, id, role);
+            let out = match op {
+                Op::Input { channels } => {
+                    let c = x.dim(1)?;
+                    if c != channels as usize {
+                        bail!("input has {c} channels, the network expects {channels}");
+                    }
+                    x.clone()
+                }
+                Op::Conv2d(c) => {
+                    let w = self.p(name(ParamRole::Weight)?)?;
+                    let b = if c.bias {
+                        Some(self.p(name(ParamRole::Bias)?)?)
+                    } else {
+                        None
+                    };
+                    let y = conv2d(
+                        get(c.input)?,
+                        w,
+                        b,
+                        c.padding.into(),
+                        c.stride.into(),
+                        c.dilation.into(),
+                    )?;
+                    if c.relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                }
+                Op::ConvTranspose2d(c) => {
+                    let w = self.p(name(ParamRole::Weight)?)?;
+                    let b = if c.bias {
+                        Some(self.p(name(ParamRole::Bias)?)?)
+                    } else {
+                        None
+                    };
+                    let y =
+                        conv_transpose2d(get(c.input)?, w, b, c.padding.into(), c.stride.into())?;
+                    if c.relu {
+                        y.relu()?
+                    } else {
+                        y
+                    }
+                }
+                Op::BatchNorm {
+                    input,
+                    channels,
+                    eps,
+                } => self.batch_norm(&graph, id, get(input)?, channels as usize, eps, train)?,
+                Op::Relu { input } => get(input)?.relu()?,
+                Op::MaxPool {
+                    input,
+                    kernel,
+                    stride,
+                } => {
+                    get(input)?.max_pool2d_with_stride(usize::from(kernel), usize::from(stride))?
+                }
+                Op::Upsample { input, factor } => {
+                    let t = get(input)?;
+                    let (_, _, h, w) = t.dims4()?;
+                    let f = usize::from(factor);
+                    t.upsample_nearest2d(h * f, w * f)?
+                }
+                Op::Concat { a, b } => Tensor::cat(&[get(a)?, get(b)?], 1)?,
+                Op::Add { a, b } => (get(a)? + get(b)?)?,
+                Op::Softmax { input } => candle_nn::ops::softmax(get(input)?, 1)?,
+                Op::Argmax { input } => get(input)?.argmax_keepdim(1)?.to_dtype(DType::F32)?,
+            };
+            vals[id] = Some(out);
+            for &i in op.inputs().as_slice() {
+                if last_use[i as usize] == id {
+                    vals[i as usize] = None;
+                }
+            }
+        }
+        vals[self.logits]
+            .take()
+            .ok_or_else(|| anyhow!("the graph produced no output"))
+    }
+
+    fn batch_norm(
+        &self,
+        graph: &Graph<'_>,
+        id: usize,
+        x: &Tensor,
+        channels: usize,
+        eps: f32,
+        train: bool,
+    ) -> Result<Tensor> {
+        let name = |role| tensor_name(graph, id, role);
+        let gamma = self
+            .p(name(ParamRole::Gamma)?)?
+            .reshape((1, channels, 1, 1))?;
+        let beta = self
+            .p(name(ParamRole::Beta)?)?
+            .reshape((1, channels, 1, 1))?;
+        let rm_name = name(ParamRole::RunningMean)?;
+        let rv_name = name(ParamRole::RunningVar)?;
+        let eps = f64::from(eps);
+        let (mean, var) = if train {
+            let (n, _, h, w) = x.dims4()?;
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+            // Running statistics: exponential average, unbiased variance (as PyTorch).
+            let count = (n * h * w) as f64;
+            let unbias = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            let rm = &self.params[&rm_name];
+            let rv = &self.params[&rv_name];
+            let m = BN_MOMENTUM;
+            let new_rm = (rm.as_tensor().detach().affine(1.0 - m, 0.0)?
+                + mean.detach().flatten_all()?.affine(m, 0.0)?)?;
+            let new_rv = (rv.as_tensor().detach().affine(1.0 - m, 0.0)?
+                + var.detach().flatten_all()?.affine(m * unbias, 0.0)?)?;
+            rm.set(&new_rm)?;
+            rv.set(&new_rv)?;
+            (mean, var)
+        } else {
+            (
+                self.p(rm_name)?.reshape((1, channels, 1, 1))?,
+                self.p(rv_name)?.reshape((1, channels, 1, 1))?,
+            )
+        };
+        let inv = var.affine(1.0, eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_sub(&mean)?
+            .broadcast_mul(&inv.broadcast_mul(&gamma)?)?
+            .broadcast_add(&beta)?)
+    }
+
+    /// All parameter tensors by name (for saving).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Replaces every parameter from `tensors`; names and shapes must match exactly.
+    /// `what` names the source in error messages.
+    pub fn load(
+        &self,
+        tensors: &std::collections::HashMap<String, Tensor>,
+        what: &str,
+    ) -> Result<()> {
+        for (name, var) in &self.params {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| anyhow!("{what}: tensor `{name}` is missing"))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{what}: tensor `{name}` has shape {:?}, the network needs {:?}",
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            let t = t
+                .to_dtype(DType::F32)?
+                .to_device(&self.device)
+                .with_context(|| format!("{what}: tensor `{name}`"))?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+/// 2-D convolution with optional bias (the one place convolutions are computed).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(w, padding, stride, dilation, 1)?;
+    add_bias(y, b)
+}
+
+/// 2-D transposed convolution with optional bias (the one place they are computed).
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, k, k2) = w.dims4()?;
+    if k == stride && k2 == stride && padding == 0 {
+        // Non-overlapping up-convolution (U-Net's 2×2, stride 2): one matrix product and
+        // a pixel shuffle; exact, and its backward pass is far cheaper in candle.
+        return add_bias(pixel_shuffle_up(x, w, stride)?, b);
+    }
+    let y = x.conv_transpose2d(w, padding, 0, stride, 1)?;
+    add_bias(y, b)
+}
+
+/// `conv_transpose2d` for `kernel == stride`, no padding: every input pixel writes its
+/// own `s × s` output block, `y[n, o, h·s+i, w·s+j] = Σ_c x[n, c, h, w] · W[c, o, i, j]`.
+fn pixel_shuffle_up(x: &Tensor, w: &Tensor, s: usize) -> Result<Tensor> {
+    let (n, ci, h, wd) = x.dims4()?;
+    let co = w.dim(1)?;
+    let rows = x
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .reshape((n * h * wd, ci))?;
+    let y = rows.matmul(&w.reshape((ci, co * s * s))?)?;
+    Ok(y.reshape((n, h, wd, co, s, s))?
+        .permute((0, 3, 1, 4, 2, 5))?
+        .contiguous()?
+        .reshape((n, co, h * s, wd * s))?)
+}
+
+fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match b {
+        Some(b) => {
+            let c = b.dim(0)?;
+            Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
+        }
+        None => Ok(y),
+    }
+}

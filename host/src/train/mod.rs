@@ -1,0 +1,22 @@
+//! Training and evaluation of the graph IR's networks with candle (CPU by default,
+//! CUDA behind the `cuda` feature).
+//!
+//! * [`executor`]: one interpreter of the graph for every architecture.
+//! * [`data`]: in-memory samples, input normalisation, augmented random crops.
+//! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
+//! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
+//! * [`infer`]: tiled inference over full-size images.
+//! * [`checkpoint`], [`run`]: the run folder, the training loop, resume.
+//! * [`evaluate`]: `ccnet eval`'s per-image metrics, latency and overlays.
+
+pub mod checkpoint;
+pub mod data;
+pub mod evaluate;
+pub mod executor;
+pub mod infer;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod recipe;
+pub mod rng;
+pub mod run;
