@@ -2,7 +2,7 @@
 
 use core::ops::Range;
 
-use ccnet_shared::format::DType;
+use ccnet_shared::format::{standardize_params, DType, InputGeometry, MAX_STANDARDIZED_CHANNELS};
 use ccnet_shared::graph::{NodeId, Op, ParamRole, MAX_NODES};
 
 use crate::kernels::{self, ConvGeom, OutputScale, Params, QParams, ShapeError};
@@ -50,6 +50,8 @@ pub(crate) struct InputView<'i> {
     pub(crate) full_w: usize,
     pub(crate) full_h: usize,
     pub(crate) win: Window,
+    /// Per-channel `(scale, offset)` applied to pixels: `x = p / 255 · scale + offset`.
+    pub(crate) norm: [(f32, f32); MAX_STANDARDIZED_CHANNELS],
 }
 
 impl<'i> InputView<'i> {
@@ -78,7 +80,19 @@ impl<'i> InputView<'i> {
                 x0: 0,
                 x1: w,
             },
+            norm: [(1.0, 0.0); MAX_STANDARDIZED_CHANNELS],
         })
+    }
+
+    /// Sets the pixel normalisation from the model's input geometry: its fixed
+    /// `scale`/`offset`, or per-channel statistics of the whole image when it
+    /// standardizes (so every tile of a tiled run uses the same numbers).
+    pub(crate) fn normalised(mut self, g: &InputGeometry) -> Self {
+        self.norm = match self.data {
+            InputData::Pixels(p) if g.standardize => standardize_params(p, self.channels),
+            _ => [(g.scale, g.offset); MAX_STANDARDIZED_CHANNELS],
+        };
+        self
     }
 
     /// The same image restricted to `win`.
@@ -215,9 +229,8 @@ pub(crate) fn forward(
         let qout = || q.get(node).ok_or(DeviceError::Internal);
         match op {
             Op::Input { .. } => {
-                let g = model.container().header().input;
                 let qi = if int8 { q.get(0) } else { None };
-                load_input(input, plan, out, qi, (g.scale, g.offset))?
+                load_input(input, plan, out, qi)?
             }
             Op::Conv2d(c) => {
                 let s = src_shape(0);
@@ -460,7 +473,6 @@ fn load_input(
     plan: &ArenaPlan,
     out: &mut [u8],
     q: Option<QParams>,
-    norm: (f32, f32),
 ) -> Result<(), DeviceError> {
     let s = plan.shapes[0];
     let (c, h, w) = (s.c as usize, s.h as usize, s.w as usize);
@@ -473,10 +485,15 @@ fn load_input(
     {
         return Err(DeviceError::Internal);
     }
-    let (scale, offset) = norm;
+    let plane = input.full_h * input.full_w;
     let value = |idx: usize| -> f32 {
         match input.data {
             InputData::Pixels(p) => {
+                let (scale, offset) = input
+                    .norm
+                    .get(idx / plane.max(1))
+                    .copied()
+                    .unwrap_or((1.0, 0.0));
                 (f32::from(p.get(idx).copied().unwrap_or(0)) / 255.0) * scale + offset
             }
             InputData::F32(v) => v.get(idx).copied().unwrap_or(0.0),

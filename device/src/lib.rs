@@ -338,7 +338,8 @@ impl<'a> Model<'a> {
                 found: mask.len(),
             });
         }
-        let view = exec::InputView::whole(input, self.graph().input_channels())?;
+        let view = exec::InputView::whole(input, self.graph().input_channels())?
+            .normalised(&self.container().header().input);
         let (arena, skip) = exec::align_arena(arena, plan.planned_bytes())?;
         self.forward(&plan, &view, arena)?;
         exec::copy_mask(
@@ -386,7 +387,8 @@ impl<'a> Model<'a> {
                 found: out.len(),
             });
         }
-        let view = exec::InputView::whole(input, self.graph().input_channels())?;
+        let view = exec::InputView::whole(input, self.graph().input_channels())?
+            .normalised(&self.container().header().input);
         let (arena, _) = exec::align_arena(arena, plan.planned_bytes())?;
         let q = self.forward(&plan, &view, arena)?;
         let is_argmax = matches!(self.graph().nodes()[node as usize], Op::Argmax { .. });

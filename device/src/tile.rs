@@ -232,7 +232,8 @@ impl Model<'_> {
                 found: mask.len(),
             });
         }
-        let view = exec::InputView::whole(input, self.graph().input_channels())?;
+        let view = exec::InputView::whole(input, self.graph().input_channels())?
+            .normalised(&self.container().header().input);
         let plan = self.plan(tp.tile_h, tp.tile_w)?;
         let out = plan.shape(plan.target()).ok_or(DeviceError::Internal)?;
         if (out.h, out.w) != (tp.tile_h, tp.tile_w) {

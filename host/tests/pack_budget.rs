@@ -68,6 +68,7 @@ fn info(channels: u32) -> PackInfo<'static> {
             width: 64,
             scale: 1.0,
             offset: 0.0,
+            standardize: false,
         },
         metadata: Metadata {
             arch: "x",

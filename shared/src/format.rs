@@ -111,7 +111,9 @@ pub struct ActivationQuant {
 }
 
 /// The input the model expects and how pixels become network input:
-/// `x = pixel / 255 · scale + offset` per channel.
+/// `x = pixel / 255 · scale + offset` per channel, where `scale` and `offset` are the
+/// fields below, or, with `standardize`, computed per image and channel by
+/// [`standardize_params`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InputGeometry {
     /// Channels (1 gray, 3 RGB).
@@ -124,6 +126,44 @@ pub struct InputGeometry {
     pub scale: f32,
     /// Input normalisation offset.
     pub offset: f32,
+    /// Standardize each channel of each image to zero mean and unit deviation (over the
+    /// whole image) instead of using `scale` and `offset`. At most
+    /// [`MAX_STANDARDIZED_CHANNELS`] channels.
+    pub standardize: bool,
+}
+
+/// Most input channels a standardized input may have.
+pub const MAX_STANDARDIZED_CHANNELS: usize = 4;
+
+/// Per-channel `(scale, offset)` that standardize an 8-bit planar `C × H × W` image:
+/// with `v = p / 255` (in `f32`), `mean` and population `std` of `v` over the channel
+/// (summed in `f64`), `scale = 1 / max(std, 1/255)` and `offset = −mean · scale`, both
+/// computed in `f64` and rounded to `f32`. Channels beyond `channels` are `(1, 0)`.
+/// Host and device call this one function, so they normalise identically.
+pub fn standardize_params(
+    pixels: &[u8],
+    channels: usize,
+) -> [(f32, f32); MAX_STANDARDIZED_CHANNELS] {
+    let mut out = [(1.0f32, 0.0f32); MAX_STANDARDIZED_CHANNELS];
+    let c = channels.clamp(1, MAX_STANDARDIZED_CHANNELS);
+    let plane = pixels.len() / channels.max(1);
+    if plane == 0 {
+        return out;
+    }
+    for (ch, slot) in out.iter_mut().enumerate().take(c) {
+        let px = &pixels[ch * plane..(ch + 1) * plane];
+        let v = |p: u8| f64::from(f32::from(p) / 255.0);
+        let mean = px.iter().map(|&p| v(p)).sum::<f64>() / plane as f64;
+        let var = px
+            .iter()
+            .map(|&p| (v(p) - mean) * (v(p) - mean))
+            .sum::<f64>()
+            / plane as f64;
+        let std = libm::sqrt(var).max(1.0 / 255.0);
+        let scale = 1.0 / std;
+        *slot = (scale as f32, (-mean * scale) as f32);
+    }
+    out
 }
 
 /// Descriptive metadata: where the model came from and what it was predicted and
@@ -488,6 +528,9 @@ pub fn validate_header(header: &Header<'_>, data_len: usize) -> Result<(), Forma
     if header.input.channels != graph.input_channels()
         || header.input.height == 0
         || header.input.width == 0
+        || (header.input.standardize && header.input.channels as usize > MAX_STANDARDIZED_CHANNELS)
+        || !header.input.scale.is_finite()
+        || !header.input.offset.is_finite()
     {
         return Err(FormatError::BadInput);
     }

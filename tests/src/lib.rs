@@ -101,6 +101,7 @@ pub fn container_bytes(graph: &[Op], dtype: DType, seed: u64) -> Vec<u8> {
             width: 32,
             scale: 1.0,
             offset: 0.0,
+            standardize: false,
         },
         metadata: Metadata {
             arch: "test",

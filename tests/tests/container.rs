@@ -99,6 +99,7 @@ fn spec(graph: &[Op]) -> ModelSpec<'_> {
             width: 32,
             scale: 1.0,
             offset: 0.0,
+            standardize: false,
         },
         metadata: Metadata::default(),
     }

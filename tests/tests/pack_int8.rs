@@ -63,6 +63,7 @@ fn info(channels: u32, side: u32) -> PackInfo<'static> {
             width: side,
             scale: 2.0,
             offset: -1.0,
+            standardize: false,
         },
         metadata: Metadata {
             arch: "test",
@@ -231,6 +232,74 @@ fn float_reference_and_device_agree_and_int8_tracks_float() {
         "int8 mask agrees with f32 on only {:.1} % of pixels",
         100.0 * rate
     );
+}
+
+#[test]
+fn standardized_pixel_input_matches_between_host_and_device() {
+    let (channels, side) = (3, 32);
+    let m = model(Arch::Cumed, 16, channels, 9);
+    let mut inf = info(channels, side);
+    inf.input.standardize = true;
+    let mut rng = Rng::new(4);
+    let pixels: Vec<u8> = (0..channels * side * side)
+        .map(|i| ((i % 97) as f32 * 2.0 + 40.0 * rng.unit()).clamp(0.0, 255.0) as u8)
+        .collect();
+    for quant in [Quant::F32, Quant::Int8] {
+        let bytes = pack_calibrated(
+            &m,
+            quant,
+            None,
+            &inf,
+            &[(image(channels, side, side, 1), side, side)],
+        )
+        .unwrap();
+        let c = Container::parse(&bytes).unwrap();
+        let x = ccnet_host::pack::reference::normalise_pixels(&c, &pixels);
+        // Standardized: each channel has mean ≈ 0 and deviation ≈ 1.
+        let plane = (side * side) as usize;
+        for ch in 0..channels as usize {
+            let v = &x[ch * plane..(ch + 1) * plane];
+            let mean = v.iter().sum::<f32>() / plane as f32;
+            let var = v.iter().map(|a| (a - mean).powi(2)).sum::<f32>() / plane as f32;
+            assert!(
+                mean.abs() < 1e-3 && (var.sqrt() - 1.0).abs() < 1e-3,
+                "{mean} {var}"
+            );
+        }
+        let host: Vec<u8> = match quant {
+            Quant::Int8 => run_int8(&c, &x, side, side)
+                .unwrap()
+                .values
+                .last()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u8)
+                .collect(),
+            _ => run_float(&c, &x, side, side)
+                .unwrap()
+                .values
+                .last()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u8)
+                .collect(),
+        };
+        let buf = aligned(&bytes);
+        let dm = Model::parse(buf.as_slice()).unwrap();
+        let mut arena = vec![0u8; dm.arena_bytes(side, side).unwrap()];
+        let mut mask = vec![0u8; (side * side) as usize];
+        dm.run(
+            Input {
+                data: InputData::Pixels(&pixels),
+                height: side,
+                width: side,
+            },
+            &mut arena,
+            &mut mask,
+        )
+        .unwrap();
+        assert_eq!(host, mask, "{quant:?}");
+    }
 }
 
 #[test]

@@ -433,6 +433,7 @@ fn write_fixture(dir: &Path) -> Result<(), String> {
         width: SIDE,
         scale: 2.0,
         offset: -1.0,
+        standardize: false,
     };
     let params = float_params(&nodes, SEED);
     let f16_tensors: Vec<Tensor> = params

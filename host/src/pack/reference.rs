@@ -4,7 +4,9 @@
 //! exactly what will be flashed; the device engine must agree with it bit for bit on
 //! int8 models.
 
-use ccnet_shared::format::{ActivationQuant, Container, DType};
+use ccnet_shared::format::{
+    standardize_params, ActivationQuant, Container, DType, MAX_STANDARDIZED_CHANNELS,
+};
 use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole, Shape};
 use ccnet_shared::quant::{quantize_multiplier, requantize, Requant};
 
@@ -53,12 +55,24 @@ pub struct FloatRun {
     pub values: Vec<Vec<f32>>,
 }
 
-/// The float input of a model from 8-bit planar pixels: `x = (p / 255) · scale + offset`.
+/// The float input of a model from 8-bit planar pixels, `x = (p / 255) · scale + offset`
+/// with the model's fixed or per-image standardizing parameters (exactly as the device).
 pub fn normalise_pixels(c: &Container<'_>, pixels: &[u8]) -> Vec<f32> {
     let g = c.header().input;
+    let channels = g.channels.max(1) as usize;
+    let plane = (pixels.len() / channels).max(1);
+    let norm = if g.standardize {
+        standardize_params(pixels, channels)
+    } else {
+        [(g.scale, g.offset); MAX_STANDARDIZED_CHANNELS]
+    };
     pixels
         .iter()
-        .map(|&p| (f32::from(p) / 255.0) * g.scale + g.offset)
+        .enumerate()
+        .map(|(i, &p)| {
+            let (scale, offset) = norm[(i / plane).min(MAX_STANDARDIZED_CHANNELS - 1)];
+            (f32::from(p) / 255.0) * scale + offset
+        })
         .collect()
 }
 
