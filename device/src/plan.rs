@@ -79,41 +79,50 @@ impl ArenaPlan {
                 .and_then(|b| b.checked_next_multiple_of(ARENA_ALIGN))
                 .ok_or(DeviceError::TooLarge)?;
         }
-        let mut offsets = [0usize; MAX_NODES];
+        // Blocks: a ReLU whose input dies at the ReLU shares its input's block, which then
+        // lives until the ReLU's output dies.
         let mut in_place = [false; MAX_NODES];
-        let mut total = 0usize;
+        let mut root = [0usize; MAX_NODES];
+        let mut end = [0usize; MAX_NODES];
         for i in 0..=t {
             if !needed[i] {
                 continue;
             }
+            root[i] = i;
             if let Op::Relu { input } = nodes[i] {
                 let j = input as usize;
                 if last[j] == i {
-                    offsets[i] = offsets[j];
                     in_place[i] = true;
-                    continue;
+                    root[i] = root[j];
                 }
             }
-            let live = |j: usize| j < i && needed[j] && last[j] >= i;
-            let fits = |o: usize| {
-                (0..i).filter(|&j| live(j)).all(|j| {
-                    let (a, b) = (offsets[j], offsets[j] + bytes[j]);
-                    o + bytes[i] <= a || o >= b
-                })
-            };
-            let mut best = None;
-            for cand in core::iter::once(0).chain(
-                (0..i)
-                    .filter(|&j| live(j))
-                    .map(|j| (offsets[j] + bytes[j]).next_multiple_of(ARENA_ALIGN)),
-            ) {
-                if best.is_none_or(|b| cand < b) && fits(cand) {
-                    best = Some(cand);
-                }
+            end[root[i]] = end[root[i]].max(last[i]);
+        }
+        let mut order = [0usize; MAX_NODES];
+        let mut count = 0;
+        for i in 0..=t {
+            if needed[i] && root[i] == i {
+                order[count] = i;
+                count += 1;
             }
-            let o = best.ok_or(DeviceError::Internal)?;
-            offsets[i] = o;
-            total = total.max(o.checked_add(bytes[i]).ok_or(DeviceError::TooLarge)?);
+        }
+        // Two placements, keep the smaller: first fit in execution order, and first fit
+        // by decreasing size (large long-lived buffers first).
+        let mut by_order = [0usize; MAX_NODES];
+        let total_a = place(&order[..count], &bytes, &end, &mut by_order)?;
+        let mut sorted = order;
+        sorted[..count].sort_unstable_by(|&a, &b| bytes[b].cmp(&bytes[a]).then(a.cmp(&b)));
+        let mut by_size = [0usize; MAX_NODES];
+        let total_b = place(&sorted[..count], &bytes, &end, &mut by_size)?;
+        let (mut offsets, total) = if total_b < total_a {
+            (by_size, total_b)
+        } else {
+            (by_order, total_a)
+        };
+        for i in 0..=t {
+            if needed[i] {
+                offsets[i] = offsets[root[i]];
+            }
         }
         let lower_bound = if t + 1 == n {
             peak_activation_bytes(graph, &shapes, elem_bytes as u64)
@@ -167,4 +176,42 @@ impl ArenaPlan {
     pub fn elem_bytes(&self) -> usize {
         self.elem_bytes
     }
+}
+
+/// Places blocks (node `b` alive over `[b, end[b]]`, `bytes[b]` long) in the given order,
+/// each at the lowest aligned offset free of every already placed block whose lifetime
+/// overlaps; returns the arena length.
+fn place(
+    order: &[usize],
+    bytes: &[usize; MAX_NODES],
+    end: &[usize; MAX_NODES],
+    offsets: &mut [usize; MAX_NODES],
+) -> Result<usize, DeviceError> {
+    let mut total = 0usize;
+    for (k, &b) in order.iter().enumerate() {
+        let placed = &order[..k];
+        let overlaps = |p: usize| p <= end[b] && b <= end[p];
+        let fits = |o: usize| {
+            placed
+                .iter()
+                .filter(|&&p| overlaps(p))
+                .all(|&p| o.saturating_add(bytes[b]) <= offsets[p] || o >= offsets[p] + bytes[p])
+        };
+        let mut best: Option<usize> = None;
+        let candidates = core::iter::once(0).chain(
+            placed
+                .iter()
+                .filter(|&&p| overlaps(p))
+                .map(|&p| (offsets[p] + bytes[p]).next_multiple_of(ARENA_ALIGN)),
+        );
+        for cand in candidates {
+            if best.is_none_or(|x| cand < x) && fits(cand) {
+                best = Some(cand);
+            }
+        }
+        let o = best.ok_or(DeviceError::Internal)?;
+        offsets[b] = o;
+        total = total.max(o.checked_add(bytes[b]).ok_or(DeviceError::TooLarge)?);
+    }
+    Ok(total)
 }
