@@ -67,6 +67,7 @@ fn geometry(nodes: &[Op], tile: (u32, u32)) -> InputGeometry {
         width: tile.1,
         scale: 2.0,
         offset: -1.0,
+        standardize: false,
     }
 }
 
