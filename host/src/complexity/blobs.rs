@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::filters::{gaussian_kernel, separable, Plane};
+use super::filters::{convolve_cols3, convolve_rows, gaussian_kernel, Plane};
 
 /// Which blobs count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,9 +143,10 @@ fn scale_responses(img: &Plane, sigma: f64, truncate: f64) -> Scale {
     let g0 = gaussian_kernel(sigma, 0, truncate);
     let g1 = gaussian_kernel(sigma, 1, truncate);
     let g2 = gaussian_kernel(sigma, 2, truncate);
-    let lxx = separable(img, &g2, &g0);
-    let lyy = separable(img, &g0, &g2);
-    let lxy = separable(img, &g1, &g1);
+    let [c0, c1, c2] = convolve_cols3(img, [&g0, &g1, &g2]);
+    let lxx = convolve_rows(&c0, &g2);
+    let lyy = convolve_rows(&c2, &g0);
+    let lxy = convolve_rows(&c1, &g1);
     let s2 = (sigma * sigma) as f32;
     let s4 = s2 * s2;
     let log = Plane {

@@ -19,25 +19,42 @@ use crate::dataset::Image8;
 /// Weights of the luminance and the two chroma entropies.
 pub const CHANNEL_WEIGHTS: [f64; 3] = [0.84, 0.08, 0.08];
 
-/// Shannon entropy in bits of values binned into bins of width `bin`.
+/// Shannon entropy in bits of values binned into bins of width `bin` (bin `k` holds
+/// the values that round to `k·bin`).
 pub fn binned_entropy(values: &[f32], bin: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
-    let mut counts: HashMap<i64, u32> = HashMap::new();
-    for &v in values {
-        *counts
-            .entry((f64::from(v) / bin).round() as i64)
-            .or_default() += 1;
-    }
+    let idx: Vec<i64> = values
+        .iter()
+        .map(|&v| (f64::from(v) / bin).round() as i64)
+        .collect();
+    let lo = idx.iter().copied().min().unwrap_or(0);
+    let hi = idx.iter().copied().max().unwrap_or(0);
     let n = values.len() as f64;
-    counts
-        .values()
-        .map(|&c| {
-            let p = f64::from(c) / n;
-            -p * p.log2()
-        })
-        .sum()
+    let entropy = |counts: &mut dyn Iterator<Item = u32>| -> f64 {
+        counts
+            .filter(|&c| c > 0)
+            .map(|c| {
+                let p = f64::from(c) / n;
+                -p * p.log2()
+            })
+            .sum()
+    };
+    let span = (hi - lo) as u64;
+    if span < 1 << 20 {
+        let mut counts = vec![0u32; span as usize + 1];
+        for &i in &idx {
+            counts[(i - lo) as usize] += 1;
+        }
+        entropy(&mut counts.into_iter())
+    } else {
+        let mut counts: HashMap<i64, u32> = HashMap::new();
+        for &i in &idx {
+            *counts.entry(i).or_default() += 1;
+        }
+        entropy(&mut counts.into_values())
+    }
 }
 
 /// Mean entropy of the Haar detail bands of one channel over `levels` levels (a level
