@@ -320,8 +320,9 @@ impl<'a> Model<'a> {
         Ok(self.plan(h, w)?.planned_bytes() + ARENA_ALIGN - 1)
     }
 
-    /// Runs the whole image and writes the class of every pixel into `mask`
-    /// (`height × width`, row major). The model must end in an arg-max.
+    /// Runs the whole image and writes the class of every pixel into `mask` (row major,
+    /// the size of the final arg-max map: `height × width` for the built architectures).
+    /// The model must end in an arg-max.
     pub fn run(
         &self,
         input: Input<'_>,
@@ -329,9 +330,11 @@ impl<'a> Model<'a> {
         mask: &mut [u8],
     ) -> Result<RunInfo, DeviceError> {
         self.check_mask_head()?;
-        let (h, w) = (input.height, input.width);
-        let plan = self.plan(h, w)?;
-        let n = (h as usize) * (w as usize);
+        let plan = self.plan(input.height, input.width)?;
+        // The mask has the arg-max map's size (the input's for the built architectures).
+        let out = plan.shape(plan.target()).ok_or(DeviceError::Internal)?;
+        let (h, w) = (out.h as usize, out.w as usize);
+        let n = h * w;
         if mask.len() != n {
             return Err(DeviceError::OutputLength {
                 expected: n,
@@ -342,19 +345,13 @@ impl<'a> Model<'a> {
             .normalised(&self.container().header().input);
         let (arena, skip) = exec::align_arena(arena, plan.planned_bytes())?;
         self.forward(&plan, &view, arena)?;
-        exec::copy_mask(
-            &plan,
-            arena,
-            exec::Window {
-                y0: 0,
-                y1: h as usize,
-                x0: 0,
-                x1: w as usize,
-            },
-            mask,
-            w as usize,
-            (0, 0),
-        )?;
+        let all = exec::Window {
+            y0: 0,
+            y1: h,
+            x0: 0,
+            x1: w,
+        };
+        exec::copy_mask(&plan, arena, all, mask, w, (0, 0))?;
         Ok(RunInfo {
             planned_bytes: plan.planned_bytes(),
             align_skip: skip,

@@ -936,3 +936,200 @@ proptest! {
         }
     }
 }
+
+/// A random graph over every operation with odd geometry (strides, dilation, padding
+/// larger than the kernel, transposed convolutions with padding), ending in an arg-max.
+fn random_graph(seed: u64) -> Vec<Op> {
+    use ccnet_shared::graph::{Conv2d, ConvTranspose2d};
+    let mut r = Rng(seed | 1);
+    let mut pick = |n: u64| (r.next() % n) as u32;
+    let mut nodes = vec![Op::Input {
+        channels: 1 + pick(3),
+    }];
+    let mut channels = vec![match nodes[0] {
+        Op::Input { channels } => channels,
+        _ => unreachable!(),
+    }];
+    let count = 2 + pick(7);
+    for _ in 0..count {
+        let x = pick(nodes.len() as u64) as NodeId;
+        let cx = channels[x as usize];
+        let (op, c) = match pick(9) {
+            0 | 1 => {
+                let out = 1 + pick(5);
+                let op = Op::Conv2d(Conv2d {
+                    input: x,
+                    in_channels: cx,
+                    out_channels: out,
+                    kernel: 1 + pick(4) as u16,
+                    stride: 1 + pick(3) as u16,
+                    padding: pick(4) as u16,
+                    dilation: 1 + pick(2) as u16,
+                    bias: pick(2) == 1,
+                    relu: pick(2) == 1,
+                });
+                (op, out)
+            }
+            2 => {
+                let out = 1 + pick(5);
+                let op = Op::ConvTranspose2d(ConvTranspose2d {
+                    input: x,
+                    in_channels: cx,
+                    out_channels: out,
+                    kernel: 1 + pick(4) as u16,
+                    stride: 1 + pick(3) as u16,
+                    padding: pick(2) as u16,
+                    bias: pick(2) == 1,
+                    relu: pick(2) == 1,
+                });
+                (op, out)
+            }
+            3 => (Op::Relu { input: x }, cx),
+            4 => (
+                Op::MaxPool {
+                    input: x,
+                    kernel: 1 + pick(3) as u16,
+                    stride: 1 + pick(3) as u16,
+                },
+                cx,
+            ),
+            5 => (
+                Op::Upsample {
+                    input: x,
+                    factor: 1 + pick(3) as u16,
+                },
+                cx,
+            ),
+            6 => {
+                let b = pick(nodes.len() as u64) as NodeId;
+                (Op::Concat { a: x, b }, cx + channels[b as usize])
+            }
+            7 => {
+                let same: Vec<NodeId> = (0..nodes.len())
+                    .filter(|&j| channels[j] == cx)
+                    .map(|j| j as NodeId)
+                    .collect();
+                let b = same[pick(same.len() as u64) as usize];
+                (Op::Add { a: x, b }, cx)
+            }
+            _ => (Op::Softmax { input: x }, cx),
+        };
+        nodes.push(op);
+        channels.push(c);
+    }
+    nodes.push(Op::Argmax {
+        input: (nodes.len() - 1) as NodeId,
+    });
+    nodes
+}
+
+/// Random activation quantization for every node that needs (or may have) an entry.
+fn random_acts(nodes: &[Op], seed: u64) -> Vec<ActivationQuant> {
+    let mut r = Rng(seed | 1);
+    let mut out = Vec::new();
+    for (i, op) in nodes.iter().enumerate() {
+        let wanted = match op {
+            Op::Input { .. }
+            | Op::Conv2d(_)
+            | Op::ConvTranspose2d(_)
+            | Op::Concat { .. }
+            | Op::Add { .. } => true,
+            Op::Relu { .. } | Op::MaxPool { .. } | Op::Upsample { .. } => r.next() & 1 == 0,
+            _ => false,
+        };
+        if wanted {
+            out.push(ActivationQuant {
+                node: i as NodeId,
+                scale: 0.005 + (r.next() % 1000) as f32 * 1e-4,
+                zero_point: (r.next() % 256) as i32 - 128,
+            });
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    /// Random graphs in both precisions: the model either is refused at parse time or
+    /// runs; with exactly the planned arena it succeeds, with one byte less it fails;
+    /// fast and reference kernels give the same mask; tiling never panics.
+    #[test]
+    fn random_graphs_run_or_fail_cleanly(seed in any::<u64>(), h in 1u32..20, w in 1u32..20, int8 in any::<bool>()) {
+        let nodes = random_graph(seed);
+        let params = float_params(&nodes, seed);
+        let tensors: Vec<TensorData> = if int8 {
+            params
+                .iter()
+                .flat_map(|(node, role, dims, v)| {
+                    let mut out = vec![];
+                    match role {
+                        ParamRole::Weight => {
+                            let cout = match nodes[*node as usize] {
+                                Op::Conv2d(c) => c.out_channels,
+                                Op::ConvTranspose2d(c) => c.out_channels,
+                                _ => unreachable!(),
+                            };
+                            out.push(TensorData {
+                                node: *node,
+                                role: *role,
+                                dtype: DType::I8,
+                                dims: *dims,
+                                bytes: v.iter().map(|x| (x * 100.0) as i8 as u8).collect(),
+                            });
+                            let scales = vec![0.01f32; cout as usize];
+                            out.push(TensorData::f32(*node, ParamRole::WeightScale, [cout, 1, 1, 1], &scales));
+                        }
+                        _ => out.push(TensorData {
+                            node: *node,
+                            role: *role,
+                            dtype: DType::I32,
+                            dims: *dims,
+                            bytes: v.iter().flat_map(|x| ((x * 1000.0) as i32).to_le_bytes()).collect(),
+                        }),
+                    }
+                    out
+                })
+                .collect()
+        } else {
+            params.iter().map(|(n, r, d, v)| TensorData::f32(*n, *r, *d, v)).collect()
+        };
+        let acts = if int8 { random_acts(&nodes, seed ^ 5) } else { vec![] };
+        let spec = ModelSpec {
+            graph: &nodes,
+            activations: &acts,
+            input: geometry(&nodes, (h, w)),
+            metadata: metadata(),
+        };
+        let bytes = write(&spec, &tensors).unwrap();
+        let Ok(mut model) = Model::parse(&bytes) else {
+            // Refused (for example, the planned tile does not fit the graph).
+            return Ok(());
+        };
+        let c = model.graph().input_channels();
+        let img = image(c, h, w, seed);
+        let plan = model.plan(h, w).unwrap();
+        let exact = plan.planned_bytes();
+        let mut buf = vec![0u8; exact + ARENA_ALIGN];
+        let skip = (ARENA_ALIGN - buf.as_ptr() as usize % ARENA_ALIGN) % ARENA_ALIGN;
+        let arena = &mut buf[skip..];
+        let out_shape = plan.shape(plan.target()).unwrap();
+        let mut mask = vec![0u8; (out_shape.h * out_shape.w) as usize];
+        let classes_ok = model.run(pixels(&img, h, w), &mut arena[..exact], &mut mask);
+        if classes_ok == Err(DeviceError::NoMask) {
+            return Ok(());
+        }
+        prop_assert!(classes_ok.is_ok(), "{:?}", classes_ok);
+        if exact > 0 {
+            let short = model.run(pixels(&img, h, w), &mut arena[..exact - 1], &mut mask);
+            let too_small = matches!(short, Err(DeviceError::ArenaTooSmall { .. }));
+            prop_assert!(too_small, "{:?}", short);
+        }
+        let fast = mask.clone();
+        model.set_kernels(Kernels::Reference);
+        model.run(pixels(&img, h, w), &mut arena[..exact], &mut mask).unwrap();
+        prop_assert_eq!(fast, mask.clone());
+        let mut full = vec![0u8; (h * w) as usize];
+        let _ = model.run_tiled(pixels(&img, h, w), &mut buf, &mut full);
+    }
+}
