@@ -145,6 +145,8 @@ fn train_then_eval_through_the_command_line() {
         "2",
         "--batch",
         "2",
+        "--downscale",
+        "2",
         "--out",
         r,
         "--quiet",
@@ -170,6 +172,10 @@ fn train_then_eval_through_the_command_line() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["images"], "val");
     assert_eq!(v["per_image"].as_array().unwrap().len(), 1);
+    // Metrics and overlays are at full resolution although the network ran at half.
+    assert_eq!(v["per_image"][0]["width"], 32);
+    let overlay = v["overlays"][0].as_str().unwrap();
+    assert_eq!(image::open(overlay).unwrap().width(), 3 * 32);
     let f1 = v["mean"]["f1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&f1));
     let _ = std::fs::remove_dir_all(&root);

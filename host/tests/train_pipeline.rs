@@ -118,7 +118,7 @@ fn validation_f1_rises_and_eval_reports_its_predictions() {
     let (cfg, net) = load_run(&out, &Device::Cpu).unwrap();
     assert_eq!(cfg.split.val.len(), 3);
     let ds = ccnet_host::dataset::Dataset::open(&data, true).unwrap();
-    let val = load_samples(&ds, &cfg.split.val, 1).unwrap();
+    let val = load_samples(&ds, &cfg.split.val, 1, 1).unwrap();
     let conf = run::validate(&net, &val, 64, 16).unwrap();
     let f1 = conf.iter().map(Confusion::f1).sum::<f64>() / conf.len() as f64;
     assert!((f1 - best).abs() < 1e-9, "{f1} vs {best}");
@@ -145,7 +145,7 @@ fn validation_f1_rises_and_eval_reports_its_predictions() {
     assert!(out.join("eval-data/metrics.json").is_file());
     let item = &ds.items[5];
     let (img, mask) = ccnet_host::dataset::load_pair(item, None).unwrap();
-    let s = sample(&item.id, &img, &mask, 1);
+    let s = sample(&item.id, &img, &mask, 1, 1);
     let c = Confusion::of(&predict(&net, &s, 64, 16).unwrap(), &mask.data);
     let r = &report.per_image[5];
     assert_eq!(r.id, item.id);

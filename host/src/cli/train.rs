@@ -52,6 +52,10 @@ pub struct TrainArgs {
     /// Share of images held out for validation.
     #[arg(long, default_value_t = 0.2)]
     pub val_fraction: f64,
+    /// Integer factor by which images are downscaled before training and inference
+    /// (more context per crop on large images; metrics stay at full resolution).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub downscale: u32,
     /// Tile side for full-image validation.
     #[arg(long, default_value_t = 256)]
     pub tile: u32,
@@ -115,6 +119,7 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         recipe.patience = a.patience;
         recipe.val_fraction = a.val_fraction;
         recipe.tile = a.tile;
+        recipe.downscale = a.downscale;
         if let Some(e) = a.epochs {
             recipe.epochs = e;
         }

@@ -32,8 +32,12 @@ pub struct Sample {
     pub mask: Vec<u8>,
     /// Indices (`y·W + x`) of the foreground pixels, for foreground-aware crops.
     pub foreground: Vec<u32>,
-    /// The 8-bit image as loaded (for overlays), `H × W × C`.
+    /// The 8-bit image at full resolution (for overlays), `C` channels interleaved.
     pub raw: Image8,
+    /// Integer factor by which the network's input is smaller than the image.
+    pub downscale: usize,
+    /// The mask at full resolution (`raw.height × raw.width`), for metrics.
+    pub full_mask: Vec<u8>,
 }
 
 /// Standardizes an 8-bit interleaved image into `C × H × W` planes.
@@ -60,15 +64,102 @@ pub fn standardize(img: &Image8) -> Vec<f32> {
     out
 }
 
-/// Builds a sample from an image (converted to `channels`) and its mask.
-pub fn sample(id: &str, img: &Image8, mask: &Mask, channels: u32) -> Sample {
+/// Box-averages an image by the integer factor `f` (the last `side mod f` rows and
+/// columns are dropped; a side shorter than `f` keeps one pixel).
+pub fn downscale_image(img: &Image8, f: usize) -> Image8 {
+    if f <= 1 {
+        return img.clone();
+    }
+    let (w, h, c) = (
+        img.width as usize,
+        img.height as usize,
+        img.channels as usize,
+    );
+    let (ow, oh) = ((w / f).max(1), (h / f).max(1));
+    let mut data = vec![0u8; ow * oh * c];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for ch in 0..c {
+                let mut sum = 0u32;
+                let mut n = 0u32;
+                for y in oy * f..((oy + 1) * f).min(h) {
+                    for x in ox * f..((ox + 1) * f).min(w) {
+                        sum += u32::from(img.data[(y * w + x) * c + ch]);
+                        n += 1;
+                    }
+                }
+                data[(oy * ow + ox) * c + ch] = ((sum + n / 2) / n.max(1)) as u8;
+            }
+        }
+    }
+    Image8 {
+        width: ow as u32,
+        height: oh as u32,
+        channels: img.channels,
+        data,
+    }
+}
+
+/// Downscales a label mask by `f`: each block takes its most frequent label (ties to
+/// the foreground).
+pub fn downscale_mask(mask: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
+    if f <= 1 {
+        return mask.to_vec();
+    }
+    let (ow, oh) = ((w / f).max(1), (h / f).max(1));
+    let mut out = vec![0u8; ow * oh];
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let (mut fg, mut n) = (0usize, 0usize);
+            for y in oy * f..((oy + 1) * f).min(h) {
+                for x in ox * f..((ox + 1) * f).min(w) {
+                    fg += usize::from(mask[y * w + x] != 0);
+                    n += 1;
+                }
+            }
+            out[oy * ow + ox] = u8::from(2 * fg >= n.max(1));
+        }
+    }
+    out
+}
+
+/// Maps a prediction at network resolution (`w × h`, from an image downscaled by `f`)
+/// back to the full `full_w × full_h` image (nearest neighbour; edge pixels dropped by
+/// the downscale take the nearest block).
+pub fn upscale_labels(
+    pred: &[u8],
+    w: usize,
+    h: usize,
+    f: usize,
+    full_w: usize,
+    full_h: usize,
+) -> Vec<u8> {
+    if f <= 1 && (w, h) == (full_w, full_h) {
+        return pred.to_vec();
+    }
+    let mut out = vec![0u8; full_w * full_h];
+    for y in 0..full_h {
+        let sy = (y / f.max(1)).min(h - 1);
+        for x in 0..full_w {
+            let sx = (x / f.max(1)).min(w - 1);
+            out[y * full_w + x] = pred[sy * w + sx];
+        }
+    }
+    out
+}
+
+/// Builds a sample from an image (converted to `channels`) and its mask; the network
+/// sees the image downscaled by the integer factor `downscale` (1: full resolution).
+pub fn sample(id: &str, img: &Image8, mask: &Mask, channels: u32, downscale: u32) -> Sample {
     let img = if channels == 3 {
         img.to_rgb()
     } else {
         img.to_gray()
     };
-    let foreground = mask
-        .data
+    let f = downscale.max(1) as usize;
+    let small = downscale_image(&img, f);
+    let small_mask = downscale_mask(&mask.data, mask.width as usize, mask.height as usize, f);
+    let foreground = small_mask
         .iter()
         .enumerate()
         .filter(|(_, &v)| v != 0)
@@ -77,17 +168,25 @@ pub fn sample(id: &str, img: &Image8, mask: &Mask, channels: u32) -> Sample {
     Sample {
         id: id.to_string(),
         channels: channels as usize,
-        height: img.height as usize,
-        width: img.width as usize,
-        pixels: standardize(&img),
-        mask: mask.data.clone(),
+        height: small.height as usize,
+        width: small.width as usize,
+        pixels: standardize(&small),
+        mask: small_mask,
         foreground,
         raw: img,
+        downscale: f,
+        full_mask: mask.data.clone(),
     }
 }
 
-/// Loads every listed item of `ds` (in parallel) as samples with `channels` channels.
-pub fn load_samples(ds: &Dataset, ids: &[String], channels: u32) -> Result<Vec<Sample>> {
+/// Loads every listed item of `ds` (in parallel) as samples with `channels` channels,
+/// downscaled by `downscale`.
+pub fn load_samples(
+    ds: &Dataset,
+    ids: &[String],
+    channels: u32,
+    downscale: u32,
+) -> Result<Vec<Sample>> {
     use rayon::prelude::*;
     let items: Vec<_> = ids
         .iter()
@@ -102,7 +201,7 @@ pub fn load_samples(ds: &Dataset, ids: &[String], channels: u32) -> Result<Vec<S
         .par_iter()
         .map(|item| {
             let (img, mask) = load_pair(item, None)?;
-            Ok(sample(&item.id, &img, &mask, channels))
+            Ok(sample(&item.id, &img, &mask, channels, downscale))
         })
         .collect()
 }
@@ -244,5 +343,31 @@ mod tests {
         let mean: f32 = p.iter().sum::<f32>() / 4.0;
         let var: f32 = p.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
         assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+
+    #[test]
+    fn downscale_and_back() {
+        let img = Image8 {
+            width: 5,
+            height: 4,
+            channels: 1,
+            data: (0..20).map(|v| v as u8 * 10).collect(),
+        };
+        let d = downscale_image(&img, 2);
+        assert_eq!((d.width, d.height), (2, 2));
+        assert_eq!(d.data[0], ((0 + 10 + 50 + 60 + 2) / 4) as u8);
+        let mask = vec![1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let m = downscale_mask(&mask, 5, 4, 2);
+        assert_eq!(m, vec![1, 0, 0, 0]);
+        let up = upscale_labels(&m, 2, 2, 2, 5, 4);
+        assert_eq!(up.len(), 20);
+        assert_eq!(&up[..5], &[1, 1, 0, 0, 0]);
+        assert_eq!(&up[15..], &[0, 0, 0, 0, 0]);
+        assert_eq!(upscale_labels(&mask, 5, 4, 1, 5, 4), mask);
     }
 }

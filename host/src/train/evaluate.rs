@@ -10,7 +10,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::data::{self, Sample};
-use super::infer::predict;
+use super::infer::predict_full;
 use super::metrics::{summarize, Confusion, Summary};
 use super::run::{load_run, RunConfig};
 use crate::dataset::Dataset;
@@ -104,7 +104,7 @@ pub fn evaluate(run: &Path, dataset_dir: &Path, opts: &EvalOptions) -> Result<Ev
         ));
     }
     let ids = select(&cfg, &ds, opts.images)?;
-    let samples = data::load_samples(&ds, &ids, cfg.in_channels)?;
+    let samples = data::load_samples(&ds, &ids, cfg.in_channels, cfg.recipe.downscale)?;
     let tile = opts.tile.unwrap_or(cfg.recipe.tile);
     let multiple = cfg.arch_config()?.arch.input_multiple() as usize;
     let out_dir = opts
@@ -116,14 +116,14 @@ pub fn evaluate(run: &Path, dataset_dir: &Path, opts: &EvalOptions) -> Result<Ev
     let mut overlays = Vec::new();
     for (i, s) in samples.iter().enumerate() {
         let t = Instant::now();
-        let pred = predict(&net, s, tile as usize, multiple)?;
+        let pred = predict_full(&net, s, tile as usize, multiple)?;
         let latency_ms = t.elapsed().as_secs_f64() * 1e3;
-        let c = Confusion::of(&pred, &s.mask);
+        let c = Confusion::of(&pred, &s.full_mask);
         let n = c.total as f64;
         per_image.push(ImageResult {
             id: s.id.clone(),
-            width: s.width,
-            height: s.height,
+            width: s.raw.width as usize,
+            height: s.raw.height as usize,
             f1: c.f1(),
             iu: c.iu(),
             true_fraction: (c.tp + c.fn_) as f64 / n,
@@ -183,7 +183,7 @@ fn select(cfg: &RunConfig, ds: &Dataset, images: Images) -> Result<Vec<String>> 
 /// Writes `image | ground truth | prediction` side by side; the masks are drawn over a
 /// darkened image (ground truth green, prediction red).
 pub fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> Result<()> {
-    let (w, h) = (s.width as u32, s.height as u32);
+    let (w, h) = (s.raw.width, s.raw.height);
     let mut img = image::RgbImage::new(3 * w, h);
     let rgb = s.raw.to_rgb();
     for y in 0..h {
@@ -203,7 +203,7 @@ pub fn write_overlay(path: &Path, s: &Sample, pred: &[u8]) -> Result<()> {
                     image::Rgb(dim)
                 }
             };
-            img.put_pixel(w + x, y, tint(s.mask[p] != 0, [0, 255, 0]));
+            img.put_pixel(w + x, y, tint(s.full_mask[p] != 0, [0, 255, 0]));
             img.put_pixel(2 * w + x, y, tint(pred[p] != 0, [255, 0, 0]));
         }
     }

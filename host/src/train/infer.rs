@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 
-use super::data::{reflect, Sample};
+use super::data::{reflect, upscale_labels, Sample};
 use super::executor::Network;
 
 /// Tile layout along one axis: tile side and tile starts (in padded-free coordinates;
@@ -101,4 +101,18 @@ mod tests {
             assert!(pair[1] - pair[0] <= 128);
         }
     }
+}
+
+/// [`predict`], then the labels mapped back to the full-resolution image
+/// (`raw.height × raw.width`), to compare with [`Sample::full_mask`].
+pub fn predict_full(net: &Network, s: &Sample, tile: usize, multiple: usize) -> Result<Vec<u8>> {
+    let pred = predict(net, s, tile, multiple)?;
+    Ok(upscale_labels(
+        &pred,
+        s.width,
+        s.height,
+        s.downscale,
+        s.raw.width as usize,
+        s.raw.height as usize,
+    ))
 }

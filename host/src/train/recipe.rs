@@ -40,6 +40,15 @@ pub struct Recipe {
     pub val_fraction: f64,
     /// Side of the tiles of full-image validation and evaluation.
     pub tile: u32,
+    /// Integer factor by which images are box-downscaled before the network sees them
+    /// (training, validation and evaluation alike; predictions are mapped back to full
+    /// resolution for the metrics). 1 keeps full resolution.
+    #[serde(default = "one")]
+    pub downscale: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Recipe {
@@ -61,6 +70,7 @@ impl Recipe {
             intensity_jitter: 0.1,
             val_fraction: 0.2,
             tile: 256,
+            downscale: 1,
         }
     }
 

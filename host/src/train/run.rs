@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, CONFIG_KEY, STATE_KEY};
 use super::data::{self, Sample, INPUT_NORM};
 use super::executor::Network;
-use super::infer::predict;
+use super::infer::predict_full;
 use super::loss::loss;
 use super::metrics::{summarize, Confusion, Summary};
 use super::optim::Adam;
@@ -226,7 +226,7 @@ pub fn split(ids: &[String], val_fraction: f64, seed: u64) -> Result<Split> {
     Ok(Split { train, val })
 }
 
-/// Evaluates `net` on full images with tiled inference.
+/// Evaluates `net` on full images with tiled inference (metrics at full resolution).
 pub fn validate(
     net: &Network,
     samples: &[Sample],
@@ -236,8 +236,8 @@ pub fn validate(
     samples
         .iter()
         .map(|s| {
-            let pred = predict(net, s, tile as usize, multiple as usize)?;
-            Ok(Confusion::of(&pred, &s.mask))
+            let pred = predict_full(net, s, tile as usize, multiple as usize)?;
+            Ok(Confusion::of(&pred, &s.full_mask))
         })
         .collect()
 }
@@ -382,8 +382,8 @@ fn run_loop(
     }
     let arch = cfg.arch_config()?.arch;
     let multiple = arch.input_multiple();
-    let train_s = data::load_samples(ds, &cfg.split.train, cfg.in_channels)?;
-    let val_s = data::load_samples(ds, &cfg.split.val, cfg.in_channels)?;
+    let train_s = data::load_samples(ds, &cfg.split.train, cfg.in_channels, cfg.recipe.downscale)?;
+    let val_s = data::load_samples(ds, &cfg.split.val, cfg.in_channels, cfg.recipe.downscale)?;
     let aug = r.augment();
     let size = (r.size[0] as usize, r.size[1] as usize);
     let total = r.total_steps();
