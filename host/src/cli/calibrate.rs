@@ -1,18 +1,336 @@
-//! `ccnet calibrate`: not implemented yet.
+//! `ccnet calibrate`: train the (dataset × α × seed) grid, fit CC-Net's accuracy model
+//! and write `models/calibration/<arch>.json` with plots.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ccnet_models::Arch;
+use ccnet_shared::alpha::Alpha;
 use clap::Args;
 
-use crate::NotImplemented;
+use super::train::dataset_dir;
+use super::values;
+use crate::calib::file::{Calibration, SweepSettings};
+use crate::calib::sweep::{collect_points, fit_calibration, RunKey, RunState, Sweep};
+use crate::complexity::{measure_dataset, Settings as ComplexitySettings};
+use crate::dataset::Dataset;
+use crate::plot::{xy_plot_png, XyPlot, XySeries, XyStyle};
+use crate::train::recipe::Recipe;
+use crate::train::run::{self, LoopOptions};
 
-/// Arguments of `ccnet calibrate` (not implemented yet).
+/// Arguments of `ccnet calibrate`.
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
-    /// Arguments (the command is not implemented yet).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub rest: Vec<String>,
+    /// Architecture: unet, fcn or cumed.
+    #[arg(long, value_parser = values::arch, default_value = "unet")]
+    pub arch: Arch,
+    /// Calibration datasets: names under the datasets folder or folders.
+    #[arg(long, num_args = 1.., required = true)]
+    pub datasets: Vec<String>,
+    /// Width multipliers of the grid; the largest is the base network.
+    #[arg(long, value_delimiter = ',', value_parser = values::alpha, default_value = "1/4,1/8,1/16,1/32")]
+    pub alphas: Vec<Alpha>,
+    /// Seeds per (dataset, α).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// The paper's cheap estimate: the first 2 datasets × the largest and smallest α,
+    /// one seed.
+    #[arg(long)]
+    pub quick: bool,
+    /// Training crop size.
+    #[arg(long, value_parser = values::size, default_value = "128")]
+    pub size: (u32, u32),
+    /// Training steps per run (at most; early stopping may end a run sooner).
+    #[arg(long, default_value_t = 600)]
+    pub steps: usize,
+    /// Steps per epoch (one validation and checkpoint each).
+    #[arg(long, default_value_t = 50)]
+    pub epoch_steps: usize,
+    /// Folder of the runs (one sub-folder per run key; reruns skip finished runs).
+    #[arg(long)]
+    pub runs: Option<PathBuf>,
+    /// Calibration file to write [default: models/calibration/<arch>.json].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run only this key (e.g. `unet.busi.a1_8.s0`) and stop: one job of a sweep
+    /// spread over machines. Fit later with --fit-only.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Show done / partial / pending per run key and stop.
+    #[arg(long)]
+    pub status: bool,
+    /// Do not train: fit from the runs that have finished.
+    #[arg(long)]
+    pub fit_only: bool,
+    /// cpu, or cuda (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn sweep_of(a: &CalibrateArgs) -> Result<Sweep> {
+    let mut datasets = a
+        .datasets
+        .iter()
+        .map(|d| dataset_dir(d))
+        .collect::<Result<Vec<_>>>()?;
+    let mut alphas = a.alphas.clone();
+    alphas.sort_by(|x, y| y.value().total_cmp(&x.value()));
+    alphas.dedup();
+    let mut seeds = a.seeds;
+    if a.quick {
+        if datasets.len() < 2 || alphas.len() < 2 {
+            bail!("--quick needs at least 2 datasets and 2 multipliers");
+        }
+        datasets.truncate(2);
+        alphas = vec![alphas[0], alphas[alphas.len() - 1]];
+        seeds = 1;
+    }
+    if seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    for &al in &alphas {
+        ccnet_models::build(&ccnet_models::ArchConfig::new(a.arch, al))
+            .map_err(|e| anyhow!("--alphas {al}: {e}"))?;
+    }
+    let size = [a.size.0, a.size.1];
+    a.arch
+        .check_input(size[0], size[1])
+        .map_err(|e| anyhow!("--size: {e}"))?;
+    if a.epoch_steps == 0 || a.steps == 0 {
+        bail!("--steps and --epoch-steps must be at least 1");
+    }
+    let mut recipe = Recipe::robust(size);
+    recipe.steps_per_epoch = a.epoch_steps;
+    recipe.epochs = a.steps.div_ceil(a.epoch_steps);
+    let runs_dir = a.runs.clone().unwrap_or_else(|| {
+        PathBuf::from("target")
+            .join("ccnet")
+            .join("calibration")
+            .join(a.arch.name())
+    });
+    Ok(Sweep {
+        arch: a.arch,
+        datasets,
+        alphas,
+        seeds,
+        recipe,
+        runs_dir,
+    })
 }
 
 /// Runs `ccnet calibrate`.
-pub fn run(_a: &CalibrateArgs) -> anyhow::Result<()> {
-    Err(NotImplemented("ccnet calibrate").into())
+pub fn run(a: &CalibrateArgs) -> Result<()> {
+    let sweep = sweep_of(a)?;
+    let keys = sweep.keys();
+    if a.status {
+        for (k, _) in &keys {
+            println!(
+                "{:<8} {}",
+                format!("{:?}", sweep.state(k)).to_lowercase(),
+                k.id()
+            );
+        }
+        return Ok(());
+    }
+    let opts = LoopOptions {
+        device: run::device(&a.device)?,
+        stop_after_epochs: None,
+        quiet: a.quiet,
+    };
+    if let Some(only) = &a.only {
+        let key = RunKey::parse(only)?;
+        let (k, dir) = keys
+            .iter()
+            .find(|(k, _)| *k == key)
+            .ok_or_else(|| anyhow!("`{only}` is not a key of this sweep (see --status)"))?;
+        return sweep
+            .run_one(k, dir, &opts)
+            .with_context(|| format!("run {only}"));
+    }
+    if !a.fit_only {
+        let todo: Vec<_> = keys
+            .iter()
+            .filter(|(k, _)| sweep.state(k) != RunState::Done)
+            .collect();
+        eprintln!(
+            "{} runs in the sweep, {} finished, {} to train (runs in {})",
+            keys.len(),
+            keys.len() - todo.len(),
+            todo.len(),
+            sweep.runs_dir.display()
+        );
+        for (i, (k, dir)) in todo.iter().enumerate() {
+            eprintln!("[{}/{}] {}", i + 1, todo.len(), k.id());
+            sweep
+                .run_one(k, dir, &opts)
+                .with_context(|| format!("run {}", k.id()))?;
+        }
+    }
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("models")
+            .join("calibration")
+            .join(format!("{}.json", a.arch.name()))
+    });
+    let cal = fit(&sweep)?;
+    cal.save(&out)?;
+    let plots = out.with_extension("");
+    write_plots(&cal, &plots)?;
+    println!("{}", summary(&cal));
+    println!(
+        "wrote {} and plots {}-*.png",
+        out.display(),
+        plots.display()
+    );
+    Ok(())
+}
+
+fn fit(sweep: &Sweep) -> Result<Calibration> {
+    let cs = ComplexitySettings::default();
+    let mut points = Vec::new();
+    for (dir, pts) in collect_points(sweep)? {
+        let ds = Dataset::open(&dir, true)?;
+        let c = measure_dataset(&ds, &cs, None)?;
+        points.push((ds.name.clone(), c.mean.j, c.mean.b, pts));
+    }
+    let settings = SweepSettings {
+        alphas: sweep.alphas.iter().map(|x| x.to_string()).collect(),
+        seeds: sweep.seeds,
+        size: sweep.recipe.size,
+        steps: sweep.recipe.total_steps(),
+        recipe: serde_json::to_value(&sweep.recipe)?,
+        complexity: serde_json::to_value(&cs)?,
+    };
+    fit_calibration(sweep.arch, settings, points)
+}
+
+/// A table of the fits.
+pub fn summary(cal: &Calibration) -> String {
+    let mut s = format!(
+        "{} calibration (base α = {}):\n  dataset            J       B      m_F1    R²     m_IU    R²\n",
+        cal.arch, cal.base_alpha
+    );
+    for d in &cal.datasets {
+        let f = |x: Option<crate::calib::fit::Degradation>| {
+            x.map(|x| format!("{:>7.4} {:>5.3}", x.m, x.line.r2))
+                .unwrap_or_else(|| "      -     -".into())
+        };
+        s += &format!(
+            "  {:<16} {:>6.4} {:>7.4} {} {}\n",
+            d.name,
+            d.j,
+            d.b,
+            f(d.f1),
+            f(d.iu)
+        );
+    }
+    s += &format!(
+        "  m_F1 = {:.4}·J + {:.4} (R² {:.3});  m_IU = {:.4}·JB + {:.4} (R² {:.3}), JB = {:.2}·J + {:.2}·B",
+        cal.f1_vs_j.slope,
+        cal.f1_vs_j.intercept,
+        cal.f1_vs_j.r2,
+        cal.iu_vs_jb.slope,
+        cal.iu_vs_jb.intercept,
+        cal.iu_vs_jb.r2,
+        cal.lambda,
+        1.0 - cal.lambda
+    );
+    s
+}
+
+/// The paper's Fig. 6/7: relative accuracy against log10 P per dataset, and slopes
+/// against complexity, as `<stem>-f1.png`, `<stem>-iu.png`, `<stem>-slopes.png`.
+pub fn write_plots(cal: &Calibration, stem: &Path) -> Result<()> {
+    let subtitle = format!(
+        "{} · base α {} · {} seeds · crops {}x{} · ≤ {} steps",
+        cal.arch,
+        cal.base_alpha,
+        cal.settings.seeds,
+        cal.settings.size[0],
+        cal.settings.size[1],
+        cal.settings.steps
+    );
+    for (metric, name) in [("f1", "F1"), ("iu", "IU")] {
+        let series = cal
+            .datasets
+            .iter()
+            .filter(|d| !d.points.is_empty())
+            .map(|d| {
+                let base = if metric == "f1" {
+                    d.points[0].f1_mean
+                } else {
+                    d.points[0].iu_mean
+                };
+                XySeries {
+                    name: d.name.clone(),
+                    points: d
+                        .points
+                        .iter()
+                        .map(|p| {
+                            let v = if metric == "f1" { p.f1_mean } else { p.iu_mean };
+                            (p.log10_params, if base > 0.0 { v / base } else { 0.0 })
+                        })
+                        .collect(),
+                    style: XyStyle::PointsWithFit,
+                }
+            })
+            .collect();
+        let plot = XyPlot {
+            title: format!("Relative {name} against network size"),
+            subtitle: subtitle.clone(),
+            x_label: "log10 P (parameters)".into(),
+            y_label: format!("{name} / base {name}"),
+            series,
+        };
+        write_png(
+            &plot,
+            &stem.with_file_name(format!("{}-{metric}.png", file_stem(stem))),
+        )?;
+    }
+    let slopes = XyPlot {
+        title: "Degree of degradation against complexity".into(),
+        subtitle,
+        x_label: "complexity (J for F1, JB for IU)".into(),
+        y_label: "slope m of relative accuracy per decade".into(),
+        series: vec![
+            XySeries {
+                name: "m_F1 vs J".into(),
+                points: cal
+                    .datasets
+                    .iter()
+                    .filter_map(|d| d.f1.map(|f| (d.j, f.m)))
+                    .collect(),
+                style: XyStyle::PointsWithFit,
+            },
+            XySeries {
+                name: format!("m_IU vs JB (λ = {:.2})", cal.lambda),
+                points: cal
+                    .datasets
+                    .iter()
+                    .filter_map(|d| {
+                        d.iu.map(|f| (cal.lambda * d.j + (1.0 - cal.lambda) * d.b, f.m))
+                    })
+                    .collect(),
+                style: XyStyle::PointsWithFit,
+            },
+        ],
+    };
+    write_png(
+        &slopes,
+        &stem.with_file_name(format!("{}-slopes.png", file_stem(stem))),
+    )
+}
+
+fn file_stem(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "calibration".into())
+}
+
+fn write_png(plot: &XyPlot, path: &Path) -> Result<()> {
+    let png = xy_plot_png(plot, (900, 600)).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    crate::fsutil::write_atomic(path, &png)
+        .with_context(|| format!("{}: cannot write", path.display()))
 }

@@ -5,6 +5,7 @@
 //! file length against the budget. A model that does not fit is refused with the
 //! numbers that show why ([`PackError::OverBudget`]).
 
+pub mod evaluate;
 pub mod fold;
 pub mod int8;
 pub mod reference;

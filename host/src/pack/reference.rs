@@ -5,7 +5,7 @@
 //! int8 models.
 
 use ccnet_shared::format::{
-    standardize_params, ActivationQuant, Container, DType, MAX_STANDARDIZED_CHANNELS,
+    standardize_params, ActivationQuant, Container, DType, InputGeometry, MAX_STANDARDIZED_CHANNELS,
 };
 use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole, Shape};
 use ccnet_shared::quant::{quantize_multiplier, requantize, Requant};
@@ -58,7 +58,11 @@ pub struct FloatRun {
 /// The float input of a model from 8-bit planar pixels, `x = (p / 255) · scale + offset`
 /// with the model's fixed or per-image standardizing parameters (exactly as the device).
 pub fn normalise_pixels(c: &Container<'_>, pixels: &[u8]) -> Vec<f32> {
-    let g = c.header().input;
+    normalise_geometry(&c.header().input, pixels)
+}
+
+/// [`normalise_pixels`] for an input geometry.
+pub fn normalise_geometry(g: &InputGeometry, pixels: &[u8]) -> Vec<f32> {
     let channels = g.channels.max(1) as usize;
     let plane = (pixels.len() / channels).max(1);
     let norm = if g.standardize {
