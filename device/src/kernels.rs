@@ -424,7 +424,18 @@ pub fn conv2d_f32_fast(
                     for (j, a) in acc.iter_mut().enumerate().take(nb) {
                         a[..bn].copy_from_slice(&ys[j * plane + oy * g.ow + bx..][..bn]);
                     }
-                    for ici in 0..nic {
+                    let interior = s == 1
+                        && bn == PX_BLOCK
+                        && cols[..k]
+                            .iter()
+                            .all(|&(c0, c1)| c0 <= bx && c1 >= bx + PX_BLOCK);
+                    if interior {
+                        // Every tap of the block is inside the row: accumulators in
+                        // registers, no per-tap range checks.
+                        let xs = &x[ic0 * in_plane..(ic0 + nic) * in_plane];
+                        conv_block_interior(g, &mut acc, xs, nic, oy, bx, &wbuf);
+                    }
+                    for ici in 0..if interior { 0 } else { nic } {
                         let xin = &x[(ic0 + ici) * in_plane..(ic0 + ici + 1) * in_plane];
                         for ky in 0..k {
                             let Some(iy) = tap(oy, s, ky * d, g.pad, g.ih) else {
@@ -473,6 +484,52 @@ pub fn conv2d_f32_fast(
         }
     }
     Ok(())
+}
+
+/// One 4-channel × 8-pixel tile of [`conv2d_f32_fast`] whose taps all fall inside the
+/// input rows (stride 1): the same additions in the same order, on local accumulators.
+#[inline(always)]
+fn conv_block_interior(
+    g: &ConvGeom,
+    acc: &mut [[f32; PX_BLOCK]; OC_BLOCK],
+    xs: &[f32],
+    nic: usize,
+    oy: usize,
+    bx: usize,
+    wbuf: &[f32; W_BUF],
+) {
+    let (k, d) = (g.k, g.dil);
+    let in_plane = g.ih * g.iw;
+    let kk = k * k;
+    let mut a = *acc;
+    for ici in 0..nic {
+        let xin = &xs[ici * in_plane..(ici + 1) * in_plane];
+        for ky in 0..k {
+            let Some(iy) = tap(oy, 1, ky * d, g.pad, g.ih) else {
+                continue;
+            };
+            let xrow = &xin[iy * g.iw..(iy + 1) * g.iw];
+            for kx in 0..k {
+                let wi = (ici * kk + ky * k + kx) * OC_BLOCK;
+                let Some(wv) = wbuf.get(wi..wi + OC_BLOCK) else {
+                    return;
+                };
+                let ix0 = bx + kx * d - g.pad;
+                let Some(xv) = xrow.get(ix0..ix0 + PX_BLOCK) else {
+                    return;
+                };
+                let mut xb = [0f32; PX_BLOCK];
+                xb.copy_from_slice(xv);
+                for j in 0..OC_BLOCK {
+                    let wj = wv[j];
+                    for t in 0..PX_BLOCK {
+                        a[j][t] += wj * xb[t];
+                    }
+                }
+            }
+        }
+    }
+    *acc = a;
 }
 
 /// Row-wise f32 convolution (four output channels share each input row), bit-identical
