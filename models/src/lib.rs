@@ -70,7 +70,7 @@ impl Arch {
     /// Checks that an `height × width` input maps back to a same-sized mask.
     pub fn check_input(self, height: u32, width: u32) -> Result<(), ModelError> {
         let m = self.input_multiple();
-        if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
             return Err(ModelError::InputSize {
                 height,
                 width,

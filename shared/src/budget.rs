@@ -84,7 +84,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, BudgetError> {
         let scale = 10u128.pow(frac.len() as u32);
         let frac_v: u128 = frac.parse().map_err(|_| BudgetError::BadNumber)?;
         let scaled = frac_v * u128::from(multiplier);
-        if scaled % scale != 0 {
+        if !scaled.is_multiple_of(scale) {
             return Err(BudgetError::FractionalBytes);
         }
         bytes = bytes

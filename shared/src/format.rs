@@ -395,7 +395,8 @@ impl Preamble {
             data_len: u32_at(16),
         };
         let header_end = PREAMBLE_LEN as u64 + u64::from(p.header_len);
-        if u64::from(p.data_offset) < header_end || p.data_offset as usize % ALIGN != 0 {
+        if u64::from(p.data_offset) < header_end || !(p.data_offset as usize).is_multiple_of(ALIGN)
+        {
             return Err(FormatError::BadLayout);
         }
         Ok(p)
@@ -569,7 +570,7 @@ pub fn validate_header(header: &Header<'_>, data_len: usize) -> Result<(), Forma
         if u64::from(t.offset) + u64::from(t.len) > data_len as u64 {
             return Err(bad);
         }
-        if t.offset as usize % ALIGN != 0 {
+        if !(t.offset as usize).is_multiple_of(ALIGN) {
             return Err(FormatError::Misaligned { index });
         }
     }

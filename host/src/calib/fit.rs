@@ -97,7 +97,7 @@ pub fn fit_degradation(points: &[(f64, f64)]) -> Result<Degradation, FitError> {
         .copied()
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .ok_or(FitError::TooFewPoints(0))?;
-    if !(base.1 > 0.0) {
+    if base.1.is_nan() || base.1 <= 0.0 {
         return Err(FitError::NotFinite);
     }
     let rel: Vec<(f64, f64)> = points.iter().map(|&(l, a)| (l, a / base.1)).collect();

@@ -95,7 +95,10 @@ fn get<'a>(
     let name = key(graph, node, role).unwrap_or_default();
     weights
         .get(&name)
-        .ok_or_else(|| FoldError::Weights(crate::weights::WeightsError::Missing { name, node }))
+        .ok_or(FoldError::Weights(crate::weights::WeightsError::Missing {
+            name,
+            node,
+        }))
 }
 
 /// Folds every batch norm into the convolution before it. The result has no
