@@ -8,7 +8,9 @@
 //!   map to 0 and 255 (clamped), per image. Floating-point images are refused.
 //! * **Colour**: gray (and gray + alpha) images have 1 channel, colour images 3; alpha is
 //!   dropped. A dataset that mixes gray and colour images is used as 3-channel (gray
-//!   replicated into R, G and B): see [`Dataset::channels`].
+//!   replicated into R, G and B): see [`Dataset::channels`]. Complexity measures use
+//!   their own rule, stated in [`crate::complexity`]: J is taken on the luma of every
+//!   image so that gray and colour images stay comparable.
 //! * **Masks**: 8- or 16-bit single-channel (colour masks are converted to gray); by
 //!   default only the values 0 (background) and 255 (foreground) are accepted, anything
 //!   else is an error naming the file, unless a threshold is given (`value > threshold`
