@@ -364,3 +364,32 @@ fn bare_image_folder_is_measured_without_masks() {
     assert_eq!(v["datasets"][0]["images"], 1);
     fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn sixteen_bit_tiff_is_stretched_then_measured() {
+    let d = tempdir("tiff16");
+    let (img, _) = spots(2, 48, 31, true);
+    let values: Vec<u16> = img.data.iter().map(|&v| 1000 + 40 * u16::from(v)).collect();
+    image::ImageBuffer::<Luma<u16>, Vec<u16>>::from_raw(96, 96, values.clone())
+        .unwrap()
+        .save(d.join("images/a.tif"))
+        .unwrap();
+    GrayImage::from_pixel(96, 96, Luma([255]))
+        .save(d.join("masks/a.png"))
+        .unwrap();
+    let ds = Dataset::open(&d, true).unwrap();
+    let r = measure_dataset(&ds, &Settings::default(), None).unwrap();
+    // The dataset rule: 16-bit values are percentile-stretched to 8 bits, then measured.
+    let stretched = Image8 {
+        width: 96,
+        height: 96,
+        channels: 1,
+        data: ccnet_host::dataset::stretch_16_to_8(&values),
+    };
+    assert_ne!(stretched.data, img.data, "the stretch changes the contrast");
+    let (m, blobs, _) = measure_image(&stretched, &Settings::default()).unwrap();
+    assert_eq!(r.per_image[0].channels, 1);
+    assert_eq!((r.mean, r.per_image[0].blob_count), (m, blobs));
+    assert!(blobs >= 4, "{blobs}");
+    fs::remove_dir_all(&d).unwrap();
+}
