@@ -192,18 +192,25 @@ fn title_block<'a>(root: &Area<'a>, title: &str, subtitle: &str) -> Result<Area<
     Ok(rest)
 }
 
+/// How a legend entry's swatch is drawn.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Swatch {
+    Bar,
+    Marker,
+    Line,
+}
+
 /// Draws a legend (colour swatch + name per entry) into `area`, top-left aligned.
-fn legend(area: &Area<'_>, entries: &[(String, RGBColor, bool)]) -> Result<(), PlotError> {
+fn legend(area: &Area<'_>, entries: &[(String, RGBColor, Swatch)]) -> Result<(), PlotError> {
     let style = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
-    for (i, (name, c, marker)) in entries.iter().enumerate() {
+    for (i, (name, c, swatch)) in entries.iter().enumerate() {
         let y = 20 + 26 * i as i32;
-        if *marker {
-            area.draw(&Circle::new((18, y), 6, c.filled()))
-                .map_err(err)?;
-        } else {
-            area.draw(&Rectangle::new([(10, y - 8), (26, y + 8)], c.filled()))
-                .map_err(err)?;
+        match swatch {
+            Swatch::Marker => area.draw(&Circle::new((18, y), 6, c.filled())),
+            Swatch::Bar => area.draw(&Rectangle::new([(10, y - 8), (26, y + 8)], c.filled())),
+            Swatch::Line => area.draw(&PathElement::new(vec![(8, y), (28, y)], c.stroke_width(3))),
         }
+        .map_err(err)?;
         area.draw(&Text::new(name.clone(), (34, y), style.clone()))
             .map_err(err)?;
     }
@@ -286,10 +293,10 @@ pub fn bar_chart_png(chart: &BarChart, size: (u32, u32)) -> Result<Vec<u8>, Plot
             root.draw(&Text::new(name.clone(), (px, py + 8), label_style.clone()))
                 .map_err(err)?;
         }
-        let entries: Vec<(String, RGBColor, bool)> = names
+        let entries: Vec<(String, RGBColor, Swatch)> = names
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.clone(), color(i), false))
+            .map(|(i, n)| (n.clone(), color(i), Swatch::Bar))
             .collect();
         legend(&legend_area.margin(20, 0, 0, 0), &entries)?;
         root.present().map_err(err)?;
@@ -322,7 +329,7 @@ pub fn xy_plot_png(plot: &XyPlot, size: (u32, u32)) -> Result<Vec<u8>, PlotError
         return Err(PlotError("x-y plot with no points".to_string()));
     }
     register_fonts();
-    let mut entries: Vec<(String, RGBColor, bool)> = Vec::new();
+    let mut entries: Vec<(String, RGBColor, Swatch)> = Vec::new();
     let fits: Vec<Option<LinearFit>> = plot
         .series
         .iter()
@@ -343,7 +350,12 @@ pub fn xy_plot_png(plot: &XyPlot, size: (u32, u32)) -> Result<Vec<u8>, PlotError
             ),
             None => s.name.clone(),
         };
-        entries.push((name, color(i), s.style != XyStyle::Line));
+        let swatch = if s.style == XyStyle::Line {
+            Swatch::Line
+        } else {
+            Swatch::Marker
+        };
+        entries.push((name, color(i), swatch));
     }
     let mut buf = vec![255u8; (size.0 * size.1 * 3) as usize];
     {
