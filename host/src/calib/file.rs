@@ -86,6 +86,13 @@ pub struct Calibration {
     pub iu_vs_jb: LineFit,
     /// Fitted λ.
     pub lambda: f64,
+    /// Base-network F1 against J across datasets, to predict absolute F1 for a new
+    /// dataset (relative accuracy × predicted base accuracy).
+    #[serde(default)]
+    pub base_f1_vs_j: Option<LineFit>,
+    /// Base-network IU against JB across datasets.
+    #[serde(default)]
+    pub base_iu_vs_jb: Option<LineFit>,
 }
 
 impl Calibration {
@@ -98,6 +105,19 @@ impl Calibration {
     pub fn m_iu(&self, j: f64, b: f64) -> f64 {
         self.iu_vs_jb
             .eval(self.lambda * j + (1.0 - self.lambda) * b)
+    }
+
+    /// Predicted base-network F1 for a dataset of JPEG complexity `j`, in [0, 1].
+    pub fn base_f1(&self, j: f64) -> Option<f64> {
+        self.base_f1_vs_j.map(|l| l.eval(j).clamp(0.0, 1.0))
+    }
+
+    /// Predicted base-network IU for a dataset of complexities `j`, `b`, in [0, 1].
+    pub fn base_iu(&self, j: f64, b: f64) -> Option<f64> {
+        self.base_iu_vs_jb.map(|l| {
+            l.eval(self.lambda * j + (1.0 - self.lambda) * b)
+                .clamp(0.0, 1.0)
+        })
     }
 
     /// Reads and checks a calibration file.

@@ -295,8 +295,24 @@ pub fn fit_calibration(
         .max_by(|a, b| a.value().total_cmp(&b.value()))
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let base_f1_vs_j = fit_line(
+        &fitted
+            .iter()
+            .map(|d| (d.j, d.points[0].f1_mean))
+            .collect::<Vec<_>>(),
+    )
+    .ok();
+    let base_iu_vs_jb = fit_line(
+        &fitted
+            .iter()
+            .map(|d| (lambda * d.j + (1.0 - lambda) * d.b, d.points[0].iu_mean))
+            .collect::<Vec<_>>(),
+    )
+    .ok();
     Ok(Calibration {
         format: super::file::CALIBRATION_FORMAT,
+        base_f1_vs_j,
+        base_iu_vs_jb,
         arch: arch.name().to_string(),
         base_alpha,
         settings,

@@ -46,6 +46,10 @@ pub struct CalibrateArgs {
     /// Steps per epoch (one validation and checkpoint each).
     #[arg(long, default_value_t = 50)]
     pub epoch_steps: usize,
+    /// Integer factor by which images are box-downscaled before training and validation
+    /// (CPU-scale sweeps; the slopes are measured at that resolution).
+    #[arg(long, default_value_t = 1)]
+    pub downscale: u32,
     /// Folder of the runs (one sub-folder per run key; reruns skip finished runs).
     #[arg(long)]
     pub runs: Option<PathBuf>,
@@ -105,6 +109,10 @@ fn sweep_of(a: &CalibrateArgs) -> Result<Sweep> {
     let mut recipe = Recipe::robust(size);
     recipe.steps_per_epoch = a.epoch_steps;
     recipe.epochs = a.steps.div_ceil(a.epoch_steps);
+    if a.downscale == 0 {
+        bail!("--downscale must be at least 1");
+    }
+    recipe.downscale = a.downscale;
     let runs_dir = a.runs.clone().unwrap_or_else(|| {
         PathBuf::from("target")
             .join("ccnet")

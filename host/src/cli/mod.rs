@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 pub mod arch;
 pub mod calibrate;
 pub mod complexity;
+pub mod crops;
 pub mod eval;
 pub mod pack;
 pub mod select;
@@ -40,6 +41,8 @@ pub enum Command {
     Select(select::SelectArgs),
     /// Quantize and pack a trained run into a container that fits a byte budget.
     Pack(pack::PackArgs),
+    /// Cut one large annotated image into a dataset of square crops.
+    Crops(crops::CropsArgs),
 }
 
 /// Runs a parsed command line.
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(a) => calibrate::run(&a),
         Command::Select(a) => select::run(&a),
         Command::Pack(a) => pack::run(&a),
+        Command::Crops(a) => crops::run(&a).map(|_| ()),
     }
 }
 

@@ -88,10 +88,11 @@ pub struct SelectReport {
     pub quant: String,
     /// Constraints applied.
     pub constraints: Constraints,
-    /// Predicted absolute F1 of the chosen α (with --base-accuracy).
+    /// Predicted absolute F1 of the chosen α: relative F1 × the base accuracy given
+    /// with --base-accuracy, else × the calibration's base-F1-against-J line.
     pub predicted_f1: Option<f64>,
-    /// Predicted absolute IU of the chosen α (with --base-accuracy; IU base taken as
-    /// the same number, so treat it as a rough figure).
+    /// Predicted absolute IU of the chosen α (likewise; with --base-accuracy the same
+    /// base number is used for IU, a rough figure).
     pub predicted_iu: Option<f64>,
     /// The selection.
     pub selection: Selection,
@@ -286,8 +287,14 @@ pub fn run(a: &SelectArgs) -> Result<()> {
         m_iu,
         quant: quant.name().into(),
         constraints,
-        predicted_f1: a.base_accuracy.map(|x| x * selection.chosen.rel_f1),
-        predicted_iu: a.base_accuracy.map(|x| x * selection.chosen.rel_iu),
+        predicted_f1: a
+            .base_accuracy
+            .or_else(|| cal.base_f1(j))
+            .map(|x| x * selection.chosen.rel_f1),
+        predicted_iu: a
+            .base_accuracy
+            .or_else(|| cal.base_iu(j, b))
+            .map(|x| x * selection.chosen.rel_iu),
         selection,
     };
     if a.json {

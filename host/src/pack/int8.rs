@@ -66,6 +66,15 @@ pub fn activation_params(min: f32, max: f32) -> (f32, i32) {
     (scale as f32, zero)
 }
 
+/// The nodes that carry their own activation quantization.
+pub fn quantized_nodes(graph: &[Op]) -> impl Iterator<Item = NodeId> + '_ {
+    graph
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| needs_params(op))
+        .map(|(n, _)| n as NodeId)
+}
+
 fn needs_params(op: &Op) -> bool {
     matches!(
         op,

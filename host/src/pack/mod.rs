@@ -10,7 +10,7 @@ pub mod fold;
 pub mod int8;
 pub mod reference;
 
-use ccnet_shared::format::{DType, InputGeometry, Metadata};
+use ccnet_shared::format::{ActivationQuant, DType, InputGeometry, Metadata};
 use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole};
 
 use crate::container::{encoded_len, write, ModelSpec, TensorData, TensorMeta, WriteError};
@@ -169,13 +169,26 @@ fn dims_out(op: &Op) -> u32 {
     }
 }
 
-/// Exact bytes of the container for a deployed graph stored as `quant`, without
-/// weights (what selection uses to test a disk budget).
+/// Bytes of the container for a deployed graph stored as `quant`, without weights
+/// (what selection uses to test a disk budget). Exact for f32 and f16; for int8 an
+/// upper bound that is at most a few bytes above the real file (the activation table
+/// is counted with its largest encoding).
 pub fn packed_len(graph: &[Op], quant: Quant, info: &PackInfo<'_>) -> Result<u64, PackError> {
     let metas = tensor_metas(graph, quant)?;
+    let activations: Vec<ActivationQuant> = if quant == Quant::Int8 {
+        int8::quantized_nodes(graph)
+            .map(|node| ActivationQuant {
+                node,
+                scale: 1.0,
+                zero_point: -128,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let spec = ModelSpec {
         graph,
-        activations: &[],
+        activations: &activations,
         input: info.input,
         metadata: info.metadata,
     };
