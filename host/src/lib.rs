@@ -13,6 +13,8 @@
 //! * [`train`]: candle training and evaluation of the graph IR's networks.
 //! * [`weights`]: float weights by stable name, safetensors import and export.
 
+#![deny(unsafe_code)]
+
 pub mod calib;
 pub mod cli;
 pub mod complexity;

@@ -51,10 +51,12 @@ fn ser_alpha<S: serde::Serializer>(a: &Alpha, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl Candidate {
-    /// Predictions for a candidate from the dataset's slopes and the base network size.
+    /// Predictions for a candidate from the dataset's slopes and the base network size,
+    /// clamped to [0, 1]: equation (1) is a line fitted below the base network, and a
+    /// network wider than the base is not predicted to beat it.
     pub fn predict(&mut self, m_f1: f64, m_iu: f64, base_log10_params: f64) {
-        self.rel_f1 = relative_accuracy(m_f1, base_log10_params, self.log10_params);
-        self.rel_iu = relative_accuracy(m_iu, base_log10_params, self.log10_params);
+        self.rel_f1 = relative_accuracy(m_f1, base_log10_params, self.log10_params).clamp(0.0, 1.0);
+        self.rel_iu = relative_accuracy(m_iu, base_log10_params, self.log10_params).clamp(0.0, 1.0);
     }
 
     fn rel(&self, metric: Metric) -> f64 {
