@@ -360,7 +360,8 @@ mod scale_tests {
         };
         let d = downscale_image(&img, 2);
         assert_eq!((d.width, d.height), (2, 2));
-        assert_eq!(d.data[0], ((0 + 10 + 50 + 60 + 2) / 4) as u8);
+        // Block (0..2, 0..2) holds 0, 10, 50, 60: rounded mean 30.
+        assert_eq!(d.data[0], 30);
         let mask = vec![1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let m = downscale_mask(&mask, 5, 4, 2);
         assert_eq!(m, vec![1, 0, 0, 0]);

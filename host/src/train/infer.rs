@@ -87,6 +87,20 @@ pub fn predict(net: &Network, s: &Sample, tile: usize, multiple: usize) -> Resul
     Ok(out)
 }
 
+/// [`predict`], then the labels mapped back to the full-resolution image
+/// (`raw.height × raw.width`), to compare with [`Sample::full_mask`].
+pub fn predict_full(net: &Network, s: &Sample, tile: usize, multiple: usize) -> Result<Vec<u8>> {
+    let pred = predict(net, s, tile, multiple)?;
+    Ok(upscale_labels(
+        &pred,
+        s.width,
+        s.height,
+        s.downscale,
+        s.raw.width as usize,
+        s.raw.height as usize,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,18 +115,4 @@ mod tests {
             assert!(pair[1] - pair[0] <= 128);
         }
     }
-}
-
-/// [`predict`], then the labels mapped back to the full-resolution image
-/// (`raw.height × raw.width`), to compare with [`Sample::full_mask`].
-pub fn predict_full(net: &Network, s: &Sample, tile: usize, multiple: usize) -> Result<Vec<u8>> {
-    let pred = predict(net, s, tile, multiple)?;
-    Ok(upscale_labels(
-        &pred,
-        s.width,
-        s.height,
-        s.downscale,
-        s.raw.width as usize,
-        s.raw.height as usize,
-    ))
 }
