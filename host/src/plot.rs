@@ -122,29 +122,10 @@ pub struct LinearFit {
 
 /// Ordinary least squares through `points`; `None` with fewer than two distinct x.
 pub fn linear_fit(points: &[(f64, f64)]) -> Option<LinearFit> {
-    let n = points.len() as f64;
-    if points.len() < 2 {
-        return None;
-    }
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let syy: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
-    if sxx <= f64::EPSILON * n {
-        return None;
-    }
-    let slope = sxy / sxx;
-    let intercept = my - slope * mx;
-    let sse: f64 = points
-        .iter()
-        .map(|p| (p.1 - slope * p.0 - intercept).powi(2))
-        .sum();
-    let r2 = if syy > 0.0 { 1.0 - sse / syy } else { 1.0 };
-    Some(LinearFit {
-        slope,
-        intercept,
-        r2,
+    crate::calib::fit::fit_line(points).ok().map(|f| LinearFit {
+        slope: f.slope,
+        intercept: f.intercept,
+        r2: f.r2,
     })
 }
 

@@ -2,6 +2,10 @@
 //! containers built from them.
 
 use ccnet_host::container::{write, ModelSpec, TensorData};
+use ccnet_host::pack::{fold_batch_norm, fuse_relu, FloatModel};
+use ccnet_host::weights::{key, FloatTensor, WeightMap};
+use ccnet_models::{build, Arch, ArchConfig};
+use ccnet_shared::alpha::Alpha;
 use ccnet_shared::format::{DType, InputGeometry, Metadata};
 use ccnet_shared::graph::{Graph, Op, ParamRole};
 
@@ -135,4 +139,47 @@ impl AlignedBytes {
     pub fn as_slice(&self) -> &[u8] {
         &bytemuck::cast_slice::<u128, u8>(&self.words)[..self.len]
     }
+}
+
+/// A deployed float model (trained with batch norm, then folded and ReLU-fused) of
+/// `arch` at α = 1/`den` with He-like random weights, so activations neither vanish nor
+/// blow up.
+pub fn random_float_model(arch: Arch, den: u32, channels: u32, seed: u64) -> FloatModel {
+    let graph = build(&ArchConfig {
+        batch_norm: true,
+        in_channels: channels,
+        ..ArchConfig::new(arch, Alpha::new(1, den).expect("valid α"))
+    })
+    .expect("buildable");
+    let g = Graph::new_unchecked(&graph);
+    let mut rng = Rng::new(seed);
+    let mut w = WeightMap::new();
+    for (n, op) in graph.iter().enumerate() {
+        let fan_in = match op {
+            Op::Conv2d(c) => c.in_channels * u32::from(c.kernel).pow(2),
+            Op::ConvTranspose2d(c) => {
+                c.in_channels * u32::from(c.kernel).pow(2) / u32::from(c.stride).pow(2)
+            }
+            _ => 1,
+        } as f32;
+        for &(role, dims) in op.param_tensors().as_slice() {
+            let count = dims.iter().product::<u32>() as usize;
+            let values = (0..count)
+                .map(|_| match role {
+                    ParamRole::Weight => rng.unit() * (6.0 / fan_in).sqrt(),
+                    ParamRole::RunningVar => 1.0 + 0.5 * rng.unit().abs(),
+                    ParamRole::Gamma => 1.0 + 0.2 * rng.unit(),
+                    _ => 0.1 * rng.unit(),
+                })
+                .collect();
+            w.insert(
+                key(&g, n as u16, role).expect("parameterised node"),
+                FloatTensor {
+                    dims: dims.iter().map(|&d| d as usize).collect(),
+                    values,
+                },
+            );
+        }
+    }
+    fuse_relu(&fold_batch_norm(&FloatModel { graph, weights: w }).expect("foldable"))
 }

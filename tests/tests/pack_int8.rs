@@ -4,55 +4,14 @@
 
 use ccnet_device::{Input, InputData, Model};
 use ccnet_host::pack::reference::{run_float, run_int8};
-use ccnet_host::pack::{
-    fold_batch_norm, fuse_relu, pack, pack_calibrated, FloatModel, PackError, PackInfo, Quant,
-};
-use ccnet_host::weights::{key, FloatTensor, WeightMap};
-use ccnet_models::{build, Arch, ArchConfig};
-use ccnet_shared::alpha::Alpha;
+use ccnet_host::pack::{pack, pack_calibrated, FloatModel, PackError, PackInfo, Quant};
+use ccnet_models::Arch;
 use ccnet_shared::format::{Container, InputGeometry, Metadata};
-use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole};
-use ccnet_tests::{aligned, Rng};
+use ccnet_shared::graph::NodeId;
+use ccnet_tests::{aligned, random_float_model, Rng};
 
-/// A deployed model with He-like random weights (so activations neither vanish nor blow up).
 fn model(arch: Arch, den: u32, channels: u32, seed: u64) -> FloatModel {
-    let graph = build(&ArchConfig {
-        batch_norm: true,
-        in_channels: channels,
-        ..ArchConfig::new(arch, Alpha::new(1, den).unwrap())
-    })
-    .unwrap();
-    let g = Graph::new_unchecked(&graph);
-    let mut rng = Rng::new(seed);
-    let mut w = WeightMap::new();
-    for (n, op) in graph.iter().enumerate() {
-        let fan_in = match op {
-            Op::Conv2d(c) => c.in_channels * u32::from(c.kernel).pow(2),
-            Op::ConvTranspose2d(c) => {
-                c.in_channels * u32::from(c.kernel).pow(2) / u32::from(c.stride).pow(2)
-            }
-            _ => 1,
-        } as f32;
-        for &(role, dims) in op.param_tensors().as_slice() {
-            let count = dims.iter().product::<u32>() as usize;
-            let values = (0..count)
-                .map(|_| match role {
-                    ParamRole::Weight => rng.unit() * (6.0 / fan_in).sqrt(),
-                    ParamRole::RunningVar => 1.0 + 0.5 * rng.unit().abs(),
-                    ParamRole::Gamma => 1.0 + 0.2 * rng.unit(),
-                    _ => 0.1 * rng.unit(),
-                })
-                .collect();
-            w.insert(
-                key(&g, n as NodeId, role).unwrap(),
-                FloatTensor {
-                    dims: dims.iter().map(|&d| d as usize).collect(),
-                    values,
-                },
-            );
-        }
-    }
-    fuse_relu(&fold_batch_norm(&FloatModel { graph, weights: w }).unwrap())
+    random_float_model(arch, den, channels, seed)
 }
 
 fn info(channels: u32, side: u32) -> PackInfo<'static> {

@@ -267,9 +267,14 @@ pub fn run_float(c: &Container<'_>, x: &[f32], h: u32, w: u32) -> Result<FloatRu
         let src = |k: usize| inp.as_slice()[k] as usize;
         let out = match *op {
             Op::Input { .. } => x.to_vec(),
-            Op::Conv2d(cv) => {
+            Op::Conv2d(_) | Op::ConvTranspose2d(_) => {
+                let (bias, relu) = match *op {
+                    Op::Conv2d(cv) => (cv.bias, cv.relu),
+                    Op::ConvTranspose2d(cv) => (cv.bias, cv.relu),
+                    _ => unreachable!("matched above"),
+                };
                 let wt = float_tensor(c, n, ParamRole::Weight)?;
-                let b = if cv.bias {
+                let b = if bias {
                     float_tensor(c, n, ParamRole::Bias)?
                 } else {
                     vec![0.0; d.c as usize]
@@ -280,26 +285,7 @@ pub fn run_float(c: &Container<'_>, x: &[f32], h: u32, w: u32) -> Result<FloatRu
                 conv_taps(op, shapes[src(0)], d, |out, _, i, wi, _, _| {
                     acc[out] += wt[wi] * values[src(0)][i]
                 });
-                if cv.relu {
-                    acc.iter_mut()
-                        .for_each(|v| *v = if *v > 0.0 { *v } else { 0.0 });
-                }
-                acc
-            }
-            Op::ConvTranspose2d(cv) => {
-                let wt = float_tensor(c, n, ParamRole::Weight)?;
-                let b = if cv.bias {
-                    float_tensor(c, n, ParamRole::Bias)?
-                } else {
-                    vec![0.0; d.c as usize]
-                };
-                let mut acc: Vec<f32> = (0..d.elements() as usize)
-                    .map(|i| b[i / (d.h * d.w) as usize])
-                    .collect();
-                conv_taps(op, shapes[src(0)], d, |out, _, i, wi, _, _| {
-                    acc[out] += wt[wi] * values[src(0)][i]
-                });
-                if cv.relu {
+                if relu {
                     acc.iter_mut()
                         .for_each(|v| *v = if *v > 0.0 { *v } else { 0.0 });
                 }
