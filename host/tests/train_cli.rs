@@ -93,6 +93,19 @@ fn bad_input_is_a_clear_error() {
     let (ok, text) = ccnet(&["train", "--dataset", one.to_str().unwrap(), "--out", out_s]);
     assert!(!ok && text.contains("at least 2"), "{text}");
 
+    // A mask that is not binary: the error names the mask.
+    let gray = root.join("gray");
+    write_pair(&gray, "a", true);
+    write_pair(&gray, "b", true);
+    image::GrayImage::from_fn(32, 32, |x, _| image::Luma([x as u8]))
+        .save(gray.join("masks/b.png"))
+        .unwrap();
+    let (ok, text) = ccnet(&["train", "--dataset", gray.to_str().unwrap(), "--out", out_s]);
+    assert!(
+        !ok && text.contains("b.png") && text.contains("not binary"),
+        "{text}"
+    );
+
     // Unsupported α, bad size, unknown dataset name.
     let good = root.join("good");
     write_pair(&good, "a", true);

@@ -267,11 +267,12 @@ pub fn checkpoint_path(run: &Path) -> PathBuf {
     run.join("checkpoint.safetensors")
 }
 
-/// Starts a new run in `out` (which must not hold a run yet) and trains it.
+/// Starts a new run in `out` (which must not hold a checkpointed run) and trains it.
 pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetrics> {
-    if config_path(out).exists() {
+    // A folder whose run never finished an epoch (no checkpoint) may be started again.
+    if checkpoint_path(out).exists() {
         bail!(
-            "{}: already holds a run (config.json); pass --resume to continue it or choose another --out",
+            "{}: already holds a run (checkpoint.safetensors); pass --resume to continue it or choose another --out",
             out.display()
         );
     }
@@ -315,7 +316,6 @@ pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetr
         deployed_params: ccnet_models::deployed_params(&ac).map_err(|e| anyhow!("{e}"))?,
     };
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    write_json(&config_path(out), &cfg)?;
     let mut init_rng = Rng::new(spec.seed, 0x1417);
     let net = Network::new(&nodes, &opts.device, &mut init_rng)?;
     let adam = Adam::new(trainable(&net))?;
@@ -384,6 +384,10 @@ fn run_loop(
     let multiple = arch.input_multiple();
     let train_s = data::load_samples(ds, &cfg.split.train, cfg.in_channels, cfg.recipe.downscale)?;
     let val_s = data::load_samples(ds, &cfg.split.val, cfg.in_channels, cfg.recipe.downscale)?;
+    if st.step == 0 {
+        // Written once the images have loaded, so a dataset error leaves no run behind.
+        write_json(&config_path(out), cfg)?;
+    }
     let aug = r.augment();
     let size = (r.size[0] as usize, r.size[1] as usize);
     let total = r.total_steps();
