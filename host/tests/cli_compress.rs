@@ -144,8 +144,6 @@ fn calibrate_select_and_pack_on_generated_data() {
         "8",
         "--alphas",
         "1/8,1/16,1/32,1/64",
-        "--input",
-        "64x64",
         "--json",
     ]);
     assert!(ok, "{err}");

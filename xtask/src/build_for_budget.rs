@@ -99,8 +99,12 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Builds `ccnet` in release mode and returns its path.
+/// Builds `ccnet` in release mode and returns its path (or uses `$CCNET_BIN` when set,
+/// e.g. a binary the caller has just built).
 fn build_ccnet() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("CCNET_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     step("building ccnet (release)");
     let status = Command::new(crate::cargo())
         .args(["build", "--release", "-p", "ccnet-host", "--bin", "ccnet"])

@@ -40,6 +40,8 @@ pub struct Candidate {
     pub disk_bytes: u64,
     /// Bytes of RAM a run needs (arena, plus weights when they are held in RAM).
     pub ram_bytes: u64,
+    /// The tile (height, width) the RAM figure is planned for.
+    pub tile: [u32; 2],
     /// Predicted F1 relative to the base network.
     pub rel_f1: f64,
     /// Predicted IU relative to the base network.
@@ -195,6 +197,7 @@ mod tests {
                     log10_params: (params as f64).log10(),
                     disk_bytes: params * 4 + 1000,
                     ram_bytes: 8_000_000 / u64::from(den),
+                    tile: [256, 256],
                     rel_f1: 0.0,
                     rel_iu: 0.0,
                 };

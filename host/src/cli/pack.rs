@@ -40,6 +40,9 @@ pub struct PackArgs {
     /// [default: four halos, so half of every tile is new output].
     #[arg(long, value_parser = values::size)]
     pub tile: Option<(u32, u32)>,
+    /// Refuse when one tile's arena (the RAM of a run) exceeds this (e.g. 256KiB).
+    #[arg(long, value_parser = values::budget)]
+    pub ram: Option<u64>,
     /// Evaluate the packed file on the run's validation images with the device engine.
     #[arg(long)]
     pub verify: bool,
@@ -98,6 +101,12 @@ pub fn deployed_model(run: &Path) -> Result<(RunConfig, FloatModel)> {
 
 /// The input geometry a run was trained with, for a `tile`.
 pub fn input_geometry(cfg: &RunConfig, tile: (u32, u32)) -> Result<InputGeometry> {
+    if cfg.recipe.downscale != 1 {
+        bail!(
+            "the run was trained on images downscaled {}x (--downscale); the container format has no input downscaling, so such runs cannot be packed yet: train with --downscale 1",
+            cfg.recipe.downscale
+        );
+    }
     if cfg.input_norm != INPUT_NORM {
         bail!(
             "run input normalisation `{}` is not supported (expected `{INPUT_NORM}`)",
@@ -210,10 +219,6 @@ pub fn run(a: &PackArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let bytes = pack_calibrated(&model, a.quant, a.budget, &info, &calibration)?;
-    crate::fsutil::write_atomic(&a.out, &bytes)
-        .with_context(|| format!("{}: cannot write", a.out.display()))?;
-    let params = ccnet_shared::graph::Graph::new_unchecked(&model.graph).trainable_params();
     let tile_arena_bytes = ccnet_device::plan::ArenaPlan::new(
         &ccnet_shared::graph::Graph::new_unchecked(&model.graph),
         tile.0,
@@ -223,6 +228,19 @@ pub fn run(a: &PackArgs) -> Result<()> {
     )
     .map_err(|e| anyhow!("{e:?}"))?
     .planned_bytes();
+    if let Some(ram) = a.ram {
+        if tile_arena_bytes as u64 > ram {
+            bail!(
+                "one {}x{} tile needs an arena of {tile_arena_bytes} bytes, over the RAM budget of {ram} bytes; pass a smaller --tile or choose a smaller α",
+                tile.0,
+                tile.1
+            );
+        }
+    }
+    let bytes = pack_calibrated(&model, a.quant, a.budget, &info, &calibration)?;
+    crate::fsutil::write_atomic(&a.out, &bytes)
+        .with_context(|| format!("{}: cannot write", a.out.display()))?;
+    let params = ccnet_shared::graph::Graph::new_unchecked(&model.graph).trainable_params();
     let verify = if a.verify {
         Some(evaluate_packed(&bytes, &cfg.dataset_dir, &cfg.split.val)?)
     } else {

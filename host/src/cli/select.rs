@@ -56,9 +56,10 @@ pub struct SelectArgs {
     /// Count the weights in RAM too (default: weights stay in flash, RAM holds the arena).
     #[arg(long)]
     pub weights_in_ram: bool,
-    /// Input tile the device runs (HxW); larger images are tiled.
-    #[arg(long, value_parser = values::size, default_value = "256x256")]
-    pub input: (u32, u32),
+    /// Tile the device runs (HxW); larger images are run tile by tile [default: the tile
+    /// `ccnet pack` plans by default for each α: four halos].
+    #[arg(long, value_parser = values::size)]
+    pub input: Option<(u32, u32)>,
     /// The α grid.
     #[arg(long, value_delimiter = ',', value_parser = values::alpha, default_value = "1,1/2,1/4,1/8,1/16,1/32,1/64")]
     pub alphas: Vec<Alpha>,
@@ -131,7 +132,7 @@ pub fn candidate(
     alpha: Alpha,
     in_channels: u32,
     quant: Quant,
-    input: (u32, u32),
+    input: Option<(u32, u32)>,
     weights_in_ram: bool,
 ) -> Result<Candidate> {
     let cfg = ArchConfig {
@@ -145,6 +146,13 @@ pub fn candidate(
     })
     .graph;
     let params = Graph::new_unchecked(&deployed).trainable_params();
+    let input = super::pack::tile_for(
+        &FloatModel {
+            graph: deployed.clone(),
+            weights: Default::default(),
+        },
+        input,
+    )?;
     let info = PackInfo {
         input: InputGeometry {
             channels: in_channels,
@@ -152,7 +160,7 @@ pub fn candidate(
             width: input.1,
             scale: 1.0,
             offset: 0.0,
-            standardize: false,
+            standardize: true,
         },
         metadata: Metadata {
             arch: arch.name(),
@@ -188,6 +196,7 @@ pub fn candidate(
         log10_params: (params as f64).log10(),
         disk_bytes,
         ram_bytes,
+        tile: [input.0, input.1],
         rel_f1: 0.0,
         rel_iu: 0.0,
     })
