@@ -198,6 +198,40 @@ fn calibrate_select_and_pack_on_generated_data() {
     assert_eq!(rep["file_bytes"].as_u64(), Some(len));
     assert!(len <= 200_000);
     assert!(rep["verify"]["mean"]["f1"].as_f64().is_some(), "{out}");
+    // What will be flashed, evaluated and used offline with the device engine.
+    let (ok, out, err) = ccnet(&["eval", "--model", &s(&model), "--dataset", &s(&a), "--json"]);
+    assert!(ok, "{err}");
+    let ev: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(ev["per_image"].as_array().unwrap().len(), 8);
+    let seg = root.join("seg");
+    let image = a.join("images").join("i00.png");
+    let (ok, _, err) = ccnet(&[
+        "segment",
+        "--model",
+        &s(&model),
+        &s(&image),
+        "--out",
+        &s(&seg),
+    ]);
+    assert!(ok, "{err}");
+    let mask = image::open(seg.join("i00_mask.png")).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (64, 48));
+    assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255));
+    assert!(seg.join("i00_overlay.png").exists());
+    let bogus = root.join("bogus.ccn");
+    std::fs::write(&bogus, b"not a model").unwrap();
+    let (ok, _, err) = ccnet(&[
+        "segment",
+        "--model",
+        &s(&bogus),
+        &s(&image),
+        "--out",
+        &s(&seg),
+    ]);
+    assert!(
+        !ok && err.contains("bogus.ccn") && err.contains("BadMagic"),
+        "{err}"
+    );
     // A budget that cannot be met is refused with the numbers, and writes nothing.
     let refused = root.join("refused.ccn");
     let (ok, _, err) = ccnet(&[

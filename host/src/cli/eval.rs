@@ -1,4 +1,5 @@
-//! `ccnet eval`: foreground F1 / IU, latency and overlays of a trained run.
+//! `ccnet eval`: foreground F1 / IU, latency and overlays of a trained run, or of a
+//! packed model run by the device engine (`--model`: exactly what will be flashed).
 
 use std::path::PathBuf;
 
@@ -24,8 +25,11 @@ pub enum ImagesArg {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Run folder written by `ccnet train`.
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    pub run: Option<PathBuf>,
+    /// A packed model (`ccnet pack`), evaluated with the device engine on every image.
     #[arg(long)]
-    pub run: PathBuf,
+    pub model: Option<PathBuf>,
     /// Dataset: a name under the datasets folder or a folder with images/ and masks/.
     #[arg(long)]
     pub dataset: String,
@@ -51,14 +55,18 @@ pub struct EvalArgs {
 
 /// Runs `ccnet eval`.
 pub fn run(a: &EvalArgs) -> Result<()> {
-    let device = run::device(&a.device)?;
     let dir = dataset_dir(&a.dataset)?;
+    let Some(run_dir) = a.run.as_ref() else {
+        let path = a.model.as_ref().expect("clap requires --run or --model");
+        return eval_model(path, &dir, a.json);
+    };
+    let device = run::device(&a.device)?;
     let images = match a.images {
         Some(ImagesArg::All) => Images::All,
         Some(ImagesArg::Val) => Images::Val,
         Some(ImagesArg::Train) => Images::Train,
         None => {
-            let cfg_path = run::config_path(&a.run);
+            let cfg_path = run::config_path(run_dir);
             let same = std::fs::read_to_string(&cfg_path)
                 .ok()
                 .and_then(|s| serde_json::from_str::<run::RunConfig>(&s).ok())
@@ -82,7 +90,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         out: a.out.clone(),
         device,
     };
-    let r = evaluate(&a.run, &dir, &opts)?;
+    let r = evaluate(run_dir, &dir, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -134,5 +142,34 @@ pub fn run(a: &EvalArgs) -> Result<()> {
                 .unwrap_or_default()
         );
     }
+    Ok(())
+}
+
+/// `ccnet eval --model`: the device engine on every image of the dataset.
+fn eval_model(path: &std::path::Path, dir: &std::path::Path, json: bool) -> Result<()> {
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let r = crate::pack::evaluate::evaluate_packed(&bytes, dir, &[])
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    for i in &r.per_image {
+        println!(
+            "{:<28} F1 {:>7.4}  IU {:>7.4}  {:>9.1} ms",
+            i.id, i.f1, i.iu, i.latency_ms
+        );
+    }
+    println!(
+        "{} on {}: mean over {} images F1 {:.4}, IU {:.4}, {:.1} ms/image (device engine), arena {} bytes",
+        path.display(),
+        dir.display(),
+        r.mean.images,
+        r.mean.f1,
+        r.mean.iu,
+        r.mean_latency_ms,
+        r.arena_bytes
+    );
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod complexity;
 pub mod crops;
 pub mod eval;
 pub mod pack;
+pub mod segment;
 pub mod select;
 pub mod train;
 pub mod values;
@@ -43,6 +44,8 @@ pub enum Command {
     Pack(pack::PackArgs),
     /// Cut one large annotated image into a dataset of square crops.
     Crops(crops::CropsArgs),
+    /// Segment images offline with a packed model on the device engine (no GPU, no network).
+    Segment(segment::SegmentArgs),
 }
 
 /// Runs a parsed command line.
@@ -56,6 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Select(a) => select::run(&a),
         Command::Pack(a) => pack::run(&a),
         Command::Crops(a) => crops::run(&a).map(|_| ()),
+        Command::Segment(a) => segment::run(&a),
     }
 }
 

@@ -61,17 +61,73 @@ pub fn planar_padded(img: &Image8, channels: u32, multiple: u32) -> (Vec<u8>, u3
     (out, ph, pw)
 }
 
-/// Runs the packed model over every image of `ids` (all when empty) in `dataset_dir`.
-pub fn evaluate_packed(bytes: &[u8], dataset_dir: &Path, ids: &[String]) -> Result<PackedEval> {
-    // The device borrows weights in place: give it an aligned copy.
-    let mut words = vec![0u128; bytes.len().div_ceil(16)];
-    let buf: &mut [u8] = bytemuck_bytes(&mut words, bytes.len());
-    buf.copy_from_slice(bytes);
-    let model = Model::parse(buf).map_err(|e| anyhow!("packed model: {e:?}"))?;
+/// A packed model loaded for the device engine (an aligned copy of its bytes).
+pub struct LoadedModel {
+    words: Vec<u128>,
+    len: usize,
+}
+
+impl LoadedModel {
+    /// Copies the container into 16-byte aligned memory (the engine borrows weights in
+    /// place) and checks that it parses.
+    pub fn new(bytes: &[u8]) -> Result<LoadedModel> {
+        let mut words = vec![0u128; bytes.len().div_ceil(16)];
+        bytemuck_bytes(&mut words, bytes.len()).copy_from_slice(bytes);
+        let m = LoadedModel {
+            words,
+            len: bytes.len(),
+        };
+        m.model()?;
+        Ok(m)
+    }
+
+    /// The parsed model.
+    pub fn model(&self) -> Result<Model<'_>> {
+        let bytes = &bytemuck::cast_slice::<u128, u8>(&self.words)[..self.len];
+        Model::parse(bytes).map_err(|e| anyhow!("not a usable model: {e:?}"))
+    }
+}
+
+/// Segments one image of any size with the device engine (tiled, zero-padded to the
+/// graph's down-sampling multiple): the class of every pixel, and the arena bytes used.
+pub fn segment_image(
+    model: &Model<'_>,
+    img: &Image8,
+    arena: &mut Vec<u8>,
+) -> Result<(Vec<u8>, usize)> {
     let channels = model.container().header().input.channels;
     let multiple = ccnet_device::tile::geometry(&model.graph())
-        .map_err(|e| anyhow!("packed model: {e:?}"))?
+        .map_err(|e| anyhow!("{e:?}"))?
         .multiple;
+    let (pixels, ph, pw) = planar_padded(img, channels, multiple);
+    let need = model
+        .tiled_arena_bytes(ph, pw)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    if arena.len() < need {
+        arena.resize(need, 0);
+    }
+    let mut out = vec![0u8; (ph * pw) as usize];
+    model
+        .run_tiled(
+            Input {
+                data: InputData::Pixels(&pixels),
+                height: ph,
+                width: pw,
+            },
+            arena,
+            &mut out,
+        )
+        .map_err(|e| anyhow!("{e:?}"))?;
+    let mask = (0..img.height as usize)
+        .flat_map(|y| out[y * pw as usize..y * pw as usize + img.width as usize].to_vec())
+        .collect();
+    Ok((mask, need))
+}
+
+/// Runs the packed model over every image of `ids` (all when empty) in `dataset_dir`.
+pub fn evaluate_packed(bytes: &[u8], dataset_dir: &Path, ids: &[String]) -> Result<PackedEval> {
+    let loaded = LoadedModel::new(bytes)?;
+    let model = loaded.model()?;
     let ds = Dataset::open(dataset_dir, true)?;
     let mut per_image = Vec::new();
     let mut confusions = Vec::new();
@@ -83,31 +139,11 @@ pub fn evaluate_packed(bytes: &[u8], dataset_dir: &Path, ids: &[String]) -> Resu
         .filter(|i| ids.is_empty() || ids.contains(&i.id))
     {
         let (img, mask) = load_pair(item, None)?;
-        let (pixels, ph, pw) = planar_padded(&img, channels, multiple);
-        let need = model
-            .tiled_arena_bytes(ph, pw)
-            .map_err(|e| anyhow!("{}: {e:?}", item.image.display()))?;
-        arena_bytes = arena_bytes.max(need);
-        if arena.len() < need {
-            arena.resize(need, 0);
-        }
-        let mut out = vec![0u8; (ph * pw) as usize];
         let t0 = Instant::now();
-        model
-            .run_tiled(
-                Input {
-                    data: InputData::Pixels(&pixels),
-                    height: ph,
-                    width: pw,
-                },
-                &mut arena,
-                &mut out,
-            )
-            .map_err(|e| anyhow!("{}: {e:?}", item.image.display()))?;
+        let (pred, need) = segment_image(&model, &img, &mut arena)
+            .map_err(|e| anyhow!("{}: {e}", item.image.display()))?;
         let latency_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let pred: Vec<u8> = (0..img.height as usize)
-            .flat_map(|y| out[y * pw as usize..y * pw as usize + img.width as usize].to_vec())
-            .collect();
+        arena_bytes = arena_bytes.max(need);
         let c = Confusion::of(&pred, &mask.data);
         per_image.push(PackedImageResult {
             id: item.id.clone(),
