@@ -86,7 +86,17 @@ fn read_config(run: &Path) -> Result<RunConfig> {
             run.display()
         )
     })?;
-    serde_json::from_str(&s).with_context(|| format!("{}: invalid run configuration", p.display()))
+    let cfg: RunConfig = serde_json::from_str(&s)
+        .with_context(|| format!("{}: invalid run configuration", p.display()))?;
+    if cfg.format != crate::train::run::RUN_FORMAT {
+        bail!(
+            "{}: run format {} is not supported (expected {})",
+            p.display(),
+            cfg.format,
+            crate::train::run::RUN_FORMAT
+        );
+    }
+    Ok(cfg)
 }
 
 /// The deployed float model of a run: batch norm folded, ReLUs fused.

@@ -330,7 +330,14 @@ pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetr
             ..RunMetrics::default()
         },
     };
-    run_loop(&cfg, &ds, net, adam, state, out, opts)
+    let result = run_loop(&cfg, &ds, net, adam, state, out, opts);
+    if result.is_err() && !checkpoint_path(out).exists() {
+        // Failed before its first checkpoint (e.g. an unreadable image): leave no
+        // half-started run that neither a new run nor --resume could use.
+        let _ = std::fs::remove_file(config_path(out));
+        let _ = std::fs::remove_dir(out);
+    }
+    result
 }
 
 /// Continues the run in `out` from its checkpoint. `dataset_dir` overrides the folder
