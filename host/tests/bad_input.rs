@@ -461,6 +461,69 @@ fn bad_input_matrix() {
         &["invalid"],
     );
 
+    // ---- packed model files (what eval --model and segment read) ----------------------
+    let model = root.join("fixture.ccn");
+    let (ok, text) = ccnet(&args(&[
+        "pack",
+        "--run",
+        &s(&run),
+        "--quant",
+        "f32",
+        "--out",
+        &s(&model),
+    ]));
+    assert!(ok, "packing the fixture run failed: {text}");
+    let mbytes = std::fs::read(&model).unwrap();
+    let mut newer = mbytes.clone();
+    newer[4..6].copy_from_slice(&2u16.to_le_bytes());
+    let end = newer.len() - ccnet_shared::format::CRC_LEN;
+    let crc = ccnet_shared::format::CRC32.checksum(&newer[..end]);
+    newer[end..].copy_from_slice(&crc.to_le_bytes());
+    let mut flipped = mbytes.clone();
+    flipped[mbytes.len() / 2] ^= 0x10;
+    let models: [(&'static str, &'static str, Vec<u8>, &str); 4] = [
+        (
+            "model_truncated",
+            "trunc.ccn",
+            mbytes[..mbytes.len() / 2].to_vec(),
+            "trunc.ccn",
+        ),
+        ("model_corrupted", "flip.ccn", flipped, "flip.ccn"),
+        ("model_foreign", "photo.ccn", valid_png.clone(), "photo.ccn"),
+        ("model_newer_version", "v2.ccn", newer, "found: 2"),
+    ];
+    for (i, (name, file, bytes, problem)) in models.into_iter().enumerate() {
+        let p = root.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        let out = root.join(format!("{name}-out"));
+        let a = if i % 2 == 0 {
+            args(&[
+                "eval",
+                "--model",
+                &s(&p),
+                "--dataset",
+                &s(&good),
+                "--out",
+                &s(&out),
+            ])
+        } else {
+            args(&[
+                "segment",
+                "--model",
+                &s(&p),
+                "--out",
+                &s(&out),
+                &s(&good.join("images/i0.png")),
+            ])
+        };
+        cases.push(Case {
+            name,
+            args: a,
+            expect: vec![file.to_string(), problem.to_string()],
+            no_output: vec![out],
+        });
+    }
+
     // ---- run the matrix ---------------------------------------------------------------
     assert!(cases.len() >= 20, "only {} cases", cases.len());
     let mut failures = Vec::new();

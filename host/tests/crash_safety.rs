@@ -222,7 +222,7 @@ fn killed_training_resumes_losing_at_most_one_epoch() {
     // The checkpoint is written before metrics.json, so it holds every recorded epoch:
     // only the epoch in progress at the kill is lost.
     assert!(
-        ck_epoch >= seen && ck_epoch >= 1 && ck_epoch < EPOCHS,
+        ck_epoch >= seen && (1..EPOCHS).contains(&ck_epoch),
         "checkpoint at epoch {ck_epoch}, {seen} epochs recorded"
     );
     let before = json(&run.join("metrics.json"));

@@ -102,7 +102,8 @@ fuzz_target!(|data: &[u8]| {
                 let r = rng.next();
                 match r % 8 {
                     0 => f32::from_bits((r >> 32) as u32),
-                    1 => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -0.0][(r >> 8) as usize % 5],
+                    1 => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -0.0]
+                        [(r >> 8) as usize % 5],
                     _ => ((r >> 40) as f32 / (1u64 << 23) as f32) - 1.0,
                 }
             })
