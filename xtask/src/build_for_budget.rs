@@ -22,7 +22,7 @@ usage: cargo xtask build-for-budget BUDGET [options]
                       from the Data Science Bowl 2018 shipped in the stardist wheel]
   --arch ARCH         unet, fcn or cumed [default: unet]
   --quant Q           int8, f16 or f32 [default: int8]
-  --steps N           training steps [default: 600]
+  --steps N           training steps [default: 400]
   --size N            training crop side [default: 128]
   --out DIR           output folder [default: target/ccnet/<dataset>]
 ";
@@ -48,7 +48,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         dataset: None,
         arch: "unet".into(),
         quant: "int8".into(),
-        steps: "600".into(),
+        steps: "400".into(),
         size: "128".into(),
         out: None,
     };
