@@ -242,24 +242,30 @@ fn argmax<T: Copy + PartialOrd>(src: &[T], s: Shape) -> Vec<usize> {
         .collect()
 }
 
-fn shapes(c: &Container<'_>, h: u32, w: u32) -> Result<Vec<Shape>, ReferenceError> {
+/// Every node's shape for an `h × w` input, after checking the input has `C·H·W` values.
+fn shapes(
+    c: &Container<'_>,
+    h: u32,
+    w: u32,
+    input_len: usize,
+) -> Result<Vec<Shape>, ReferenceError> {
     let g = c.graph();
     let mut shapes = vec![Shape::default(); g.len()];
     g.infer_shapes(h, w, &mut shapes)?;
+    let need = shapes[0].elements() as usize;
+    if input_len != need {
+        return Err(ReferenceError::Input {
+            expected: need,
+            found: input_len,
+        });
+    }
     Ok(shapes)
 }
 
 /// Runs a float model (weights `F32` or `F16`) on planar input `x` of `h × w`.
 pub fn run_float(c: &Container<'_>, x: &[f32], h: u32, w: u32) -> Result<FloatRun, ReferenceError> {
     let graph: Graph<'_> = c.graph();
-    let shapes = shapes(c, h, w)?;
-    let need = shapes[0].elements() as usize;
-    if x.len() != need {
-        return Err(ReferenceError::Input {
-            expected: need,
-            found: x.len(),
-        });
-    }
+    let shapes = shapes(c, h, w, x.len())?;
     let mut values: Vec<Vec<f32>> = Vec::with_capacity(graph.len());
     for (n, op) in graph.nodes().iter().enumerate() {
         let d = shapes[n];
@@ -391,14 +397,7 @@ fn act(c: &Container<'_>, node: usize) -> Option<ActivationQuant> {
 /// Runs an int8 model on float input `x` (already normalised) of `h × w`.
 pub fn run_int8(c: &Container<'_>, x: &[f32], h: u32, w: u32) -> Result<Int8Run, ReferenceError> {
     let graph = c.graph();
-    let shapes = shapes(c, h, w)?;
-    let need = shapes[0].elements() as usize;
-    if x.len() != need {
-        return Err(ReferenceError::Input {
-            expected: need,
-            found: x.len(),
-        });
-    }
+    let shapes = shapes(c, h, w, x.len())?;
     let mut values: Vec<Vec<i32>> = Vec::with_capacity(graph.len());
     let mut params: Vec<(f64, i32)> = Vec::with_capacity(graph.len());
     let required = |n: usize| {
