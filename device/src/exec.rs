@@ -232,75 +232,67 @@ pub(crate) fn forward(
                 let qi = if int8 { q.get(0) } else { None };
                 load_input(input, plan, out, qi)?
             }
-            Op::Conv2d(c) => {
+            Op::Conv2d(_) | Op::ConvTranspose2d(_) => {
                 let s = src_shape(0);
-                let g = ConvGeom::conv(
-                    c.in_channels as usize,
-                    c.out_channels as usize,
-                    s.h as usize,
-                    s.w as usize,
-                    c.kernel as usize,
-                    c.stride as usize,
-                    c.padding as usize,
-                    c.dilation as usize,
-                )
-                .ok_or(DeviceError::Internal)?;
+                // The geometry, the fused ReLU and the kernels (reference, fast) of each kind.
+                let (g, relu, f32_kernels, i8_kernels): (_, _, [F32Conv; 2], [I8Conv; 2]) = match op
+                {
+                    Op::Conv2d(c) => (
+                        ConvGeom::conv(
+                            c.in_channels as usize,
+                            c.out_channels as usize,
+                            s.h as usize,
+                            s.w as usize,
+                            c.kernel as usize,
+                            c.stride as usize,
+                            c.padding as usize,
+                            c.dilation as usize,
+                        ),
+                        c.relu,
+                        [kernels::conv2d_f32_ref, kernels::conv2d_f32_fast],
+                        [kernels::conv2d_i8_ref, kernels::conv2d_i8_fast],
+                    ),
+                    Op::ConvTranspose2d(c) => (
+                        ConvGeom::transposed(
+                            c.in_channels as usize,
+                            c.out_channels as usize,
+                            s.h as usize,
+                            s.w as usize,
+                            c.kernel as usize,
+                            c.stride as usize,
+                            c.padding as usize,
+                        ),
+                        c.relu,
+                        [
+                            kernels::conv_transpose2d_f32_ref,
+                            kernels::conv_transpose2d_f32_fast,
+                        ],
+                        [
+                            kernels::conv_transpose2d_i8_ref,
+                            kernels::conv_transpose2d_i8_fast,
+                        ],
+                    ),
+                    _ => return Err(DeviceError::Internal),
+                };
+                let g = g.ok_or(DeviceError::Internal)?;
                 if (g.oh, g.ow) != (oh, ow) {
                     return Err(DeviceError::Internal);
                 }
                 if int8 {
-                    let (w, bias, os) = int8_params(model, node, qin(0)?, qout()?, c.relu)?;
-                    let f = if fast {
-                        kernels::conv2d_i8_fast
-                    } else {
-                        kernels::conv2d_i8_ref
-                    };
-                    f(&g, as_i8(ins[0]), w, bias, &os, as_i8_mut(out))?;
+                    let (w, bias, os) = int8_params(model, node, qin(0)?, qout()?, relu)?;
+                    i8_kernels[usize::from(fast)](&g, as_i8(ins[0]), w, bias, &os, as_i8_mut(out))?;
                 } else {
                     let w = float_params(model, node, ParamRole::Weight)
                         .ok_or(DeviceError::Internal)?;
                     let b = float_params(model, node, ParamRole::Bias);
-                    let f = if fast {
-                        kernels::conv2d_f32_fast
-                    } else {
-                        kernels::conv2d_f32_ref
-                    };
-                    f(&g, as_f32(ins[0])?, w, b, c.relu, as_f32_mut(out)?)?;
-                }
-            }
-            Op::ConvTranspose2d(c) => {
-                let s = src_shape(0);
-                let g = ConvGeom::transposed(
-                    c.in_channels as usize,
-                    c.out_channels as usize,
-                    s.h as usize,
-                    s.w as usize,
-                    c.kernel as usize,
-                    c.stride as usize,
-                    c.padding as usize,
-                )
-                .ok_or(DeviceError::Internal)?;
-                if (g.oh, g.ow) != (oh, ow) {
-                    return Err(DeviceError::Internal);
-                }
-                if int8 {
-                    let (w, bias, os) = int8_params(model, node, qin(0)?, qout()?, c.relu)?;
-                    let f = if fast {
-                        kernels::conv_transpose2d_i8_fast
-                    } else {
-                        kernels::conv_transpose2d_i8_ref
-                    };
-                    f(&g, as_i8(ins[0]), w, bias, &os, as_i8_mut(out))?;
-                } else {
-                    let w = float_params(model, node, ParamRole::Weight)
-                        .ok_or(DeviceError::Internal)?;
-                    let b = float_params(model, node, ParamRole::Bias);
-                    let f = if fast {
-                        kernels::conv_transpose2d_f32_fast
-                    } else {
-                        kernels::conv_transpose2d_f32_ref
-                    };
-                    f(&g, as_f32(ins[0])?, w, b, c.relu, as_f32_mut(out)?)?;
+                    f32_kernels[usize::from(fast)](
+                        &g,
+                        as_f32(ins[0])?,
+                        w,
+                        b,
+                        relu,
+                        as_f32_mut(out)?,
+                    )?;
                 }
             }
             Op::Relu { .. } => {
@@ -432,6 +424,26 @@ fn softmax_i8(c: usize, n: usize, x: &[i8], qx: QParams, y: &mut [i8]) -> Result
     }
     Ok(())
 }
+
+/// A float convolution kernel (conv or transposed conv, reference or fast).
+type F32Conv = fn(
+    &ConvGeom,
+    &[f32],
+    Params<'_>,
+    Option<Params<'_>>,
+    bool,
+    &mut [f32],
+) -> Result<(), ShapeError>;
+
+/// An int8 convolution kernel (conv or transposed conv, reference or fast).
+type I8Conv = fn(
+    &ConvGeom,
+    &[i8],
+    &[i8],
+    Option<&[u8]>,
+    &OutputScale<'_>,
+    &mut [i8],
+) -> Result<(), ShapeError>;
 
 type Int8Params<'m> = (&'m [i8], Option<&'m [u8]>, OutputScale<'m>);
 
