@@ -65,13 +65,18 @@ fn image(channels: u32, h: u32, w: u32, seed: u64) -> Vec<f32> {
 }
 
 fn device_mask(bytes: &[u8], x: &[f32], h: u32, w: u32) -> Vec<u8> {
+    device_run(bytes, InputData::F32(x), h, w)
+}
+
+/// The device engine's mask for `data` (an aligned copy of the model, a planned arena).
+fn device_run(bytes: &[u8], data: InputData<'_>, h: u32, w: u32) -> Vec<u8> {
     let buf = aligned(bytes);
     let m = Model::parse(buf.as_slice()).unwrap();
     let mut arena = vec![0u8; m.arena_bytes(h, w).unwrap()];
     let mut mask = vec![0u8; (h * w) as usize];
     m.run(
         Input {
-            data: InputData::F32(x),
+            data,
             height: h,
             width: w,
         },
@@ -243,20 +248,7 @@ fn standardized_pixel_input_matches_between_host_and_device() {
                 .map(|&v| v as u8)
                 .collect(),
         };
-        let buf = aligned(&bytes);
-        let dm = Model::parse(buf.as_slice()).unwrap();
-        let mut arena = vec![0u8; dm.arena_bytes(side, side).unwrap()];
-        let mut mask = vec![0u8; (side * side) as usize];
-        dm.run(
-            Input {
-                data: InputData::Pixels(&pixels),
-                height: side,
-                width: side,
-            },
-            &mut arena,
-            &mut mask,
-        )
-        .unwrap();
+        let mask = device_run(&bytes, InputData::Pixels(&pixels), side, side);
         assert_eq!(host, mask, "{quant:?}");
     }
 }
