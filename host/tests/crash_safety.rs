@@ -300,7 +300,12 @@ fn killed_calibration_skips_finished_runs() {
     };
     let run_dirs = || -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(&runs)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v

@@ -86,6 +86,17 @@ pub struct Sweep {
     pub runs_dir: PathBuf,
 }
 
+/// File in the run folder naming the settings that own it.
+pub const OWNER_FILE: &str = "sweep.json";
+
+/// The settings every run of a folder must share: runs of one folder are averaged and
+/// fitted together, so they must come from the same architecture and recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Owner {
+    arch: String,
+    recipe: serde_json::Value,
+}
+
 /// State of one run of the sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,6 +145,32 @@ impl Sweep {
             }
         }
         out
+    }
+
+    /// Checks that the run folder belongs to this sweep's architecture and recipe
+    /// (`sweep.json`), and with `claim` writes that file when the folder has none.
+    /// Another calibration's folder is a clear error naming what differs.
+    pub fn check_owner(&self, claim: bool) -> Result<()> {
+        let path = self.runs_dir.join(OWNER_FILE);
+        let mine = Owner {
+            arch: self.arch.name().to_string(),
+            recipe: serde_json::to_value(&self.recipe)?,
+        };
+        if path.exists() {
+            let theirs: Owner = read_json(&path)?;
+            if theirs != mine {
+                bail!(
+                    "{}: this run folder belongs to a calibration with other settings ({}); \
+                     use another --runs folder or the same settings",
+                    self.runs_dir.display(),
+                    owner_diff(&theirs, &mine).join(", ")
+                );
+            }
+        } else if claim {
+            crate::fsutil::write_atomic(&path, serde_json::to_string_pretty(&mine)?.as_bytes())
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
+        Ok(())
     }
 
     /// The folder of a run.
@@ -224,6 +261,33 @@ pub fn collect_points(sweep: &Sweep) -> Result<Vec<(PathBuf, Vec<WidthPoint>)>> 
         out.push((d.clone(), points));
     }
     Ok(out)
+}
+
+/// The fields in which two owners differ, as `name: folder's value vs this value`.
+fn owner_diff(theirs: &Owner, mine: &Owner) -> Vec<String> {
+    let mut out = Vec::new();
+    if theirs.arch != mine.arch {
+        out.push(format!("arch: {} vs {}", theirs.arch, mine.arch));
+    }
+    match (theirs.recipe.as_object(), mine.recipe.as_object()) {
+        (Some(t), Some(m)) => {
+            let mut names: Vec<&String> = t.keys().chain(m.keys()).collect();
+            names.sort();
+            names.dedup();
+            for n in names {
+                let (a, b) = (t.get(n), m.get(n));
+                if a != b {
+                    let show = |v: Option<&serde_json::Value>| {
+                        v.map_or("-".to_string(), |v| v.to_string())
+                    };
+                    out.push(format!("recipe.{n}: {} vs {}", show(a), show(b)));
+                }
+            }
+        }
+        _ if theirs.recipe != mine.recipe => out.push("recipe".into()),
+        _ => {}
+    }
+    out
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {

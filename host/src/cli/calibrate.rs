@@ -11,6 +11,7 @@ use clap::Args;
 use super::train::dataset_dir;
 use super::values;
 use crate::calib::file::{Calibration, SweepSettings};
+use crate::calib::slurm::{self, KeyState};
 use crate::calib::sweep::{collect_points, fit_calibration, RunKey, RunState, Sweep};
 use crate::complexity::{measure_dataset, Settings as ComplexitySettings};
 use crate::dataset::Dataset;
@@ -60,12 +61,35 @@ pub struct CalibrateArgs {
     /// spread over machines. Fit later with --fit-only.
     #[arg(long)]
     pub only: Option<String>,
-    /// Show done / partial / pending per run key and stop.
-    #[arg(long)]
+    /// Show each run key's state and stop: done, pending, partial (started here, not
+    /// finished), or for submitted keys queued, running or failed (asks `squeue`).
+    #[arg(long, conflicts_with_all = ["only", "fit_only"])]
     pub status: bool,
-    /// Do not train: fit from the runs that have finished.
-    #[arg(long)]
+    /// Do not train: fit from the runs that have finished (listing the missing ones).
+    #[arg(long, conflicts_with = "only")]
     pub fit_only: bool,
+    /// Hand the runs to Slurm: write into DIR a job array (task i runs the i-th key that
+    /// is neither finished nor queued, with `--only KEY`) and a collect job that depends
+    /// on it (`afterany`) and fits the calibration from whatever finished. Prints the
+    /// `sbatch` command, or submits with --submit.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["only", "fit_only", "status"])]
+    pub slurm: Option<PathBuf>,
+    /// Slurm partition of the jobs [default: the cluster's default].
+    #[arg(long, requires = "slurm")]
+    pub partition: Option<String>,
+    /// Generic resources per array task, e.g. `gpu:1` (use with --device cuda).
+    #[arg(long, requires = "slurm")]
+    pub gres: Option<String>,
+    /// Wall-time limit per job [default: 2:00:00].
+    #[arg(long, requires = "slurm")]
+    pub time: Option<String>,
+    /// CPUs per job, also its thread count [default: 1].
+    #[arg(long, requires = "slurm")]
+    pub cpus_per_task: Option<u32>,
+    /// Submit with `sbatch` and print the job ids (instead of printing the command);
+    /// submissions are recorded in the run folder for --status and reruns.
+    #[arg(long, requires = "slurm")]
+    pub submit: bool,
     /// cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -134,14 +158,17 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
     let sweep = sweep_of(a)?;
     let keys = sweep.keys();
     if a.status {
-        for (k, _) in &keys {
-            println!(
-                "{:<8} {}",
-                format!("{:?}", sweep.state(k)).to_lowercase(),
-                k.id()
-            );
-        }
-        return Ok(());
+        sweep.check_owner(false)?;
+        return print_status(&sweep);
+    }
+    sweep.check_owner(!a.fit_only)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("models")
+            .join("calibration")
+            .join(format!("{}.json", a.arch.name()))
+    });
+    if let Some(dir) = &a.slurm {
+        return hand_to_slurm(a, &sweep, &out, dir);
     }
     let opts = LoopOptions {
         device: run::device(&a.device)?,
@@ -177,11 +204,18 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
                 .with_context(|| format!("run {}", k.id()))?;
         }
     }
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from("models")
-            .join("calibration")
-            .join(format!("{}.json", a.arch.name()))
-    });
+    let missing: Vec<String> = keys
+        .iter()
+        .filter(|(k, _)| sweep.state(k) != RunState::Done)
+        .map(|(k, _)| k.id())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "fitting without {} unfinished run(s): {}",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
     let cal = fit(&sweep)?;
     cal.save(&out)?;
     let plots = out.with_extension("");
@@ -191,6 +225,187 @@ pub fn run(a: &CalibrateArgs) -> Result<()> {
         "wrote {} and plots {}-*.png",
         out.display(),
         plots.display()
+    );
+    Ok(())
+}
+
+fn print_status(sweep: &Sweep) -> Result<()> {
+    let record = slurm::Record::load(&sweep.runs_dir)?;
+    let (states, queue_error) = slurm::key_states(sweep, &record);
+    if let Some(e) = queue_error {
+        eprintln!("warning: {e}");
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    for (k, st) in &states {
+        *counts.entry(st.name()).or_insert(0) += 1;
+        match record
+            .latest_task(&k.id())
+            .filter(|_| *st != KeyState::Done)
+        {
+            Some(task) => println!("{:<8} {}  (slurm job {task})", st.name(), k.id()),
+            None => println!("{:<8} {}", st.name(), k.id()),
+        }
+    }
+    eprintln!(
+        "{} runs: {}",
+        states.len(),
+        counts
+            .iter()
+            .map(|(n, c)| format!("{c} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// The `ccnet calibrate` command line that reproduces this sweep on any machine that
+/// sees the same paths (absolute), without --quick, --slurm or --status.
+fn worker_command(a: &CalibrateArgs, sweep: &Sweep, out: &Path) -> Result<Vec<String>> {
+    let abs = |p: &Path| -> Result<String> {
+        Ok(std::path::absolute(p)
+            .with_context(|| format!("{}: cannot make the path absolute", p.display()))?
+            .to_string_lossy()
+            .into_owned())
+    };
+    let exe = std::env::current_exe().context("cannot locate the ccnet executable")?;
+    let mut cmd = vec![
+        abs(&exe)?,
+        "calibrate".into(),
+        "--arch".into(),
+        a.arch.name().into(),
+    ];
+    cmd.push("--datasets".into());
+    for d in &sweep.datasets {
+        cmd.push(abs(d)?);
+    }
+    let alphas: Vec<String> = sweep.alphas.iter().map(|x| x.to_string()).collect();
+    cmd.extend([
+        "--alphas".into(),
+        alphas.join(","),
+        "--seeds".into(),
+        sweep.seeds.to_string(),
+        "--size".into(),
+        format!("{}x{}", a.size.0, a.size.1),
+        "--steps".into(),
+        a.steps.to_string(),
+        "--epoch-steps".into(),
+        a.epoch_steps.to_string(),
+        "--downscale".into(),
+        a.downscale.to_string(),
+        "--runs".into(),
+        abs(&sweep.runs_dir)?,
+        "--out".into(),
+        abs(out)?,
+        "--device".into(),
+        a.device.clone(),
+    ]);
+    Ok(cmd)
+}
+
+/// `--slurm DIR`: writes the array and collect scripts for the keys that need a run,
+/// and prints the `sbatch` command or (with --submit) submits and records the jobs.
+fn hand_to_slurm(a: &CalibrateArgs, sweep: &Sweep, out: &Path, dir: &Path) -> Result<()> {
+    let sbatch = if a.submit {
+        Some(slurm::find_on_path("sbatch").ok_or_else(|| {
+            anyhow!(
+                "--submit: `sbatch` is not on PATH; install Slurm's client commands, or \
+                 leave out --submit to write the scripts and print the command"
+            )
+        })?)
+    } else {
+        None
+    };
+    let job = slurm::JobSettings {
+        partition: a.partition.clone(),
+        gres: a.gres.clone(),
+        time: a.time.clone().unwrap_or_else(|| "2:00:00".into()),
+        cpus_per_task: a.cpus_per_task.unwrap_or(1),
+    };
+    if job.cpus_per_task == 0 {
+        bail!("--cpus-per-task must be at least 1");
+    }
+    let record = slurm::Record::load(&sweep.runs_dir)?;
+    let (states, queue_error) = slurm::key_states(sweep, &record);
+    if let Some(e) = queue_error {
+        bail!("cannot tell which submitted runs are still queued: {e}");
+    }
+    let todo: Vec<String> = states
+        .iter()
+        .filter(|(_, st)| st.needs_submission())
+        .map(|(k, _)| k.id())
+        .collect();
+    let in_queue = states
+        .iter()
+        .filter(|(_, st)| matches!(st, KeyState::Queued | KeyState::Running))
+        .count();
+    let done = states
+        .iter()
+        .filter(|(_, st)| *st == KeyState::Done)
+        .count();
+    eprintln!(
+        "{} runs in the sweep: {done} finished, {in_queue} queued or running, {} to submit",
+        states.len(),
+        todo.len()
+    );
+    if todo.is_empty() {
+        eprintln!(
+            "nothing to submit; fit with the same command and --fit-only once the queue is empty"
+        );
+        return Ok(());
+    }
+    let cmd = worker_command(a, sweep, out)?;
+    let workdir = std::env::current_dir().context("cannot read the current folder")?;
+    let dir = std::path::absolute(dir)
+        .with_context(|| format!("{}: cannot make the path absolute", dir.display()))?;
+    std::fs::create_dir_all(dir.join("logs"))
+        .with_context(|| format!("{}: cannot create the folder", dir.join("logs").display()))?;
+    let array = dir.join("calibrate-array.sh");
+    let collect = dir.join("calibrate-collect.sh");
+    for (path, text) in [
+        (
+            &array,
+            slurm::array_script(&todo, &cmd, &dir, &workdir, &job),
+        ),
+        (&collect, slurm::collect_script(&cmd, &dir, &workdir, &job)),
+    ] {
+        crate::fsutil::write_atomic(path, text.as_bytes())
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    let q = |p: &Path| slurm::shell_quote(&p.to_string_lossy());
+    let Some(sbatch) = sbatch else {
+        println!(
+            "ARRAY=$(sbatch --parsable {}) && sbatch --dependency=afterany:${{ARRAY%%;*}} {}",
+            q(&array),
+            q(&collect)
+        );
+        eprintln!(
+            "wrote {} ({} tasks) and {}; submit with the command above, or rerun with --submit \
+             to have the jobs recorded for --status",
+            array.display(),
+            todo.len(),
+            collect.display()
+        );
+        return Ok(());
+    };
+    let array_job = slurm::sbatch(&sbatch, &array, &[])?;
+    let collect_job = slurm::sbatch(
+        &sbatch,
+        &collect,
+        &[format!("--dependency=afterany:{array_job}")],
+    )
+    .with_context(|| format!("the array job {array_job} was submitted; its collect job was not"));
+    let mut record = record;
+    record.submissions.push(slurm::Submission {
+        array_job: array_job.clone(),
+        collect_job: collect_job.as_ref().cloned().unwrap_or_default(),
+        keys: todo.clone(),
+        submitted_unix: slurm::now_unix(),
+    });
+    record.save(&sweep.runs_dir)?;
+    let collect_job = collect_job?;
+    println!(
+        "array job {array_job} ({} tasks), collect job {collect_job}",
+        todo.len()
     );
     Ok(())
 }
