@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::filters::{convolve_cols3, convolve_rows, gaussian_kernel, Plane};
+use super::filters::{convolve_cols3_into, convolve_row, gaussian_kernel, Plane};
 
 /// Which blobs count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,99 +139,167 @@ struct Scale {
     doh: Plane,
 }
 
-fn scale_responses(img: &Plane, sigma: f64, truncate: f64) -> Scale {
+impl Scale {
+    fn empty() -> Scale {
+        Scale {
+            sigma: 0.0,
+            log: Plane::filled(0, 0, 0.0),
+            doh: Plane::filled(0, 0, 0.0),
+        }
+    }
+}
+
+/// Buffers reused across the scales of one image: the three column-filtered planes and
+/// one row each of `Lxx`, `Lyy`, `Lxy` plus the padded row.
+struct Workspace {
+    cols: [Plane; 3],
+    padded: Vec<f32>,
+    lxx: Vec<f32>,
+    lyy: Vec<f32>,
+    lxy: Vec<f32>,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        Workspace {
+            cols: std::array::from_fn(|_| Plane::filled(0, 0, 0.0)),
+            padded: Vec::new(),
+            lxx: Vec::new(),
+            lyy: Vec::new(),
+            lxy: Vec::new(),
+        }
+    }
+}
+
+/// The scale-normalised LoG and determinant of Hessian at `sigma`, written into `out`
+/// (its buffers are reused). One fused column pass gives the image filtered along y
+/// with the Gaussian's orders 0, 1, 2; then each row is filtered along x and combined
+/// at once, so `Lxx`, `Lyy`, `Lxy` never exist as whole planes.
+fn scale_responses(img: &Plane, sigma: f64, truncate: f64, ws: &mut Workspace, out: &mut Scale) {
+    let (w, h) = (img.width, img.height);
     let g0 = gaussian_kernel(sigma, 0, truncate);
     let g1 = gaussian_kernel(sigma, 1, truncate);
     let g2 = gaussian_kernel(sigma, 2, truncate);
-    let [c0, c1, c2] = convolve_cols3(img, [&g0, &g1, &g2]);
-    let lxx = convolve_rows(&c0, &g2);
-    let lyy = convolve_rows(&c2, &g0);
-    let lxy = convolve_rows(&c1, &g1);
+    convolve_cols3_into(img, [&g0, &g1, &g2], &mut ws.cols);
     let s2 = (sigma * sigma) as f32;
     let s4 = s2 * s2;
-    let log = Plane {
-        width: img.width,
-        height: img.height,
-        data: lxx
-            .data
-            .iter()
-            .zip(&lyy.data)
-            .map(|(&a, &b)| -s2 * (a + b))
-            .collect(),
-    };
-    let doh = Plane {
-        width: img.width,
-        height: img.height,
-        data: lxx
-            .data
-            .iter()
-            .zip(&lyy.data)
-            .zip(&lxy.data)
-            .map(|((&a, &b), &c)| s4 * (a * b - c * c))
-            .collect(),
-    };
-    Scale { sigma, log, doh }
+    out.sigma = sigma;
+    for p in [&mut out.log, &mut out.doh] {
+        p.width = w;
+        p.height = h;
+        p.data.resize(w * h, 0.0);
+    }
+    for buf in [&mut ws.lxx, &mut ws.lyy, &mut ws.lxy] {
+        buf.resize(w, 0.0);
+    }
+    let [c0, c1, c2] = &ws.cols;
+    for y in 0..h {
+        let row = y * w..(y + 1) * w;
+        convolve_row(&c0.data[row.clone()], &g2, &mut ws.padded, &mut ws.lxx);
+        convolve_row(&c2.data[row.clone()], &g0, &mut ws.padded, &mut ws.lyy);
+        convolve_row(&c1.data[row.clone()], &g1, &mut ws.padded, &mut ws.lxy);
+        let it = out.log.data[row.clone()]
+            .iter_mut()
+            .zip(&mut out.doh.data[row])
+            .zip(ws.lxx.iter().zip(&ws.lyy).zip(&ws.lxy));
+        for ((log, doh), ((&a, &b), &c)) in it {
+            *log = -s2 * (a + b);
+            *doh = s4 * (a * b - c * c);
+        }
+    }
 }
 
-/// Local maxima of `sign · cur` above `threshold` over the 3×3×3 neighbourhood formed
-/// with the scales below and above (absent at the ends of the scale range). Plateaus
-/// give one maximum: a point must be strictly above the neighbours that come before it
-/// in (scale, row, column) order and at least equal to the others.
+/// Local maxima of `±cur` over the 3×3×3 neighbourhood formed with the scales below
+/// and above (absent at the ends of the scale range): with `bright`, maxima of `cur`
+/// above `threshold`; with `dark`, maxima of `−cur` above it (a value cannot be both).
+/// Plateaus give one maximum: a point must be strictly above the neighbours that come
+/// before it in (scale, row, column) order and at least equal to the others. Found
+/// points are appended as `(x, y, is_bright)` in raster order.
 fn local_maxima(
     below: Option<&Plane>,
     cur: &Plane,
     above: Option<&Plane>,
-    sign: f32,
+    (bright, dark): (bool, bool),
     threshold: f32,
-    out: &mut Vec<(usize, usize)>,
+    out: &mut Vec<(usize, usize, bool)>,
 ) {
     let (w, h) = (cur.width, cur.height);
+    let hi = if bright { threshold } else { f32::INFINITY };
+    let lo = if dark { -threshold } else { f32::NEG_INFINITY };
+    const CHUNK: usize = 16;
     for y in 0..h {
-        for x in 0..w {
-            let v = sign * cur.data[y * w + x];
-            if v <= threshold {
+        let row = &cur.data[y * w..(y + 1) * w];
+        for (ci, chunk) in row.chunks(CHUNK).enumerate() {
+            // Most pixels are below the threshold: skip whole chunks cheaply (a
+            // branch-free count that vectorises).
+            let candidates: u32 = chunk
+                .iter()
+                .map(|&v| u32::from((v > hi) | (v < lo)))
+                .sum();
+            if candidates == 0 {
                 continue;
             }
-            let mut is_max = true;
-            'n: for dy in -1isize..=1 {
-                let yy = y as isize + dy;
-                if yy < 0 || yy >= h as isize {
+            for (i, &raw) in chunk.iter().enumerate() {
+                let x = ci * CHUNK + i;
+                let sign = if raw > hi {
+                    1.0
+                } else if raw < lo {
+                    -1.0
+                } else {
                     continue;
+                };
+                if is_local_max(below, cur, above, x, y, sign) {
+                    out.push((x, y, sign > 0.0));
                 }
-                for dx in -1isize..=1 {
-                    let xx = x as isize + dx;
-                    if xx < 0 || xx >= w as isize {
-                        continue;
-                    }
-                    let i = yy as usize * w + xx as usize;
-                    if let Some(b) = below {
-                        if sign * b.data[i] >= v {
-                            is_max = false;
-                            break 'n;
-                        }
-                    }
-                    if let Some(a) = above {
-                        if sign * a.data[i] > v {
-                            is_max = false;
-                            break 'n;
-                        }
-                    }
-                    if dx == 0 && dy == 0 {
-                        continue;
-                    }
-                    let n = sign * cur.data[i];
-                    let before = dy < 0 || (dy == 0 && dx < 0);
-                    if n > v || (before && n >= v) {
-                        is_max = false;
-                        break 'n;
-                    }
-                }
-            }
-            if is_max {
-                out.push((x, y));
             }
         }
     }
+}
+
+/// Whether `sign · cur` at (x, y) is a maximum of its 3×3×3 neighbourhood (see
+/// [`local_maxima`] for the plateau rule).
+fn is_local_max(
+    below: Option<&Plane>,
+    cur: &Plane,
+    above: Option<&Plane>,
+    x: usize,
+    y: usize,
+    sign: f32,
+) -> bool {
+    let (w, h) = (cur.width, cur.height);
+    let v = sign * cur.data[y * w + x];
+    for dy in -1isize..=1 {
+        let yy = y as isize + dy;
+        if yy < 0 || yy >= h as isize {
+            continue;
+        }
+        for dx in -1isize..=1 {
+            let xx = x as isize + dx;
+            if xx < 0 || xx >= w as isize {
+                continue;
+            }
+            let i = yy as usize * w + xx as usize;
+            if let Some(b) = below {
+                if sign * b.data[i] >= v {
+                    return false;
+                }
+            }
+            if let Some(a) = above {
+                if sign * a.data[i] > v {
+                    return false;
+                }
+            }
+            if dx == 0 && dy == 0 {
+                continue;
+            }
+            let n = sign * cur.data[i];
+            let before = dy < 0 || (dy == 0 && dx < 0);
+            if n > v || (before && n >= v) {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Fraction of the smaller disk covered by the intersection of two disks.
@@ -311,60 +379,67 @@ pub fn prune(blobs: &mut Vec<Blob>, overlap: f64) {
 /// Runs both detectors on a gray image in [0, 1].
 pub fn detect(img: &Plane, s: &BlobSettings) -> Detections {
     let sigmas = s.sigmas();
+    let mut ws = Workspace::new();
     let mut window: Vec<Scale> = Vec::with_capacity(3);
+    let mut spare = Scale::empty();
     let mut bright = Vec::new();
     let mut dark = Vec::new();
     let mut keypoints = Vec::new();
     let mut found = Vec::new();
-    let signs: &[(f32, bool)] = match s.polarity {
-        Polarity::Bright => &[(1.0, true)],
-        Polarity::Dark => &[(-1.0, false)],
-        Polarity::Both => &[(1.0, true), (-1.0, false)],
+    let polarities = match s.polarity {
+        Polarity::Bright => (true, false),
+        Polarity::Dark => (false, true),
+        Polarity::Both => (true, true),
     };
-    // Scale k is examined once scale k + 1 exists (or k is the last).
+    // Scale k is examined once scale k + 1 exists (or k is the last). Bright and dark
+    // blobs come from one pass over the LoG (the dark response is its negative).
     let mut examine = |window: &[Scale], k: usize| {
         let cur = &window[k];
         let below = k.checked_sub(1).map(|i| &window[i]);
         let above = window.get(k + 1);
-        for &(sign, is_bright) in signs {
-            found.clear();
-            local_maxima(
-                below.map(|b| &b.log),
-                &cur.log,
-                above.map(|a| &a.log),
-                sign,
-                s.log_threshold as f32,
-                &mut found,
-            );
+        let sigma = cur.sigma as f32;
+        found.clear();
+        local_maxima(
+            below.map(|b| &b.log),
+            &cur.log,
+            above.map(|a| &a.log),
+            polarities,
+            s.log_threshold as f32,
+            &mut found,
+        );
+        for &(x, y, is_bright) in &found {
             let list = if is_bright { &mut bright } else { &mut dark };
-            list.extend(found.iter().map(|&(x, y)| Blob {
+            list.push(Blob {
                 x: x as f32,
                 y: y as f32,
-                sigma: cur.sigma as f32,
+                sigma,
                 bright: is_bright,
-            }));
+            });
         }
         found.clear();
         local_maxima(
             below.map(|b| &b.doh),
             &cur.doh,
             above.map(|a| &a.doh),
-            1.0,
+            (true, false),
             s.doh_threshold as f32,
             &mut found,
         );
-        keypoints.extend(found.iter().map(|&(x, y)| Blob {
+        keypoints.extend(found.iter().map(|&(x, y, _)| Blob {
             x: x as f32,
             y: y as f32,
-            sigma: cur.sigma as f32,
+            sigma,
             bright: true,
         }));
     };
     for (i, &sigma) in sigmas.iter().enumerate() {
-        if window.len() == 3 {
-            window.remove(0);
-        }
-        window.push(scale_responses(img, sigma, s.truncate));
+        let mut next = if window.len() == 3 {
+            window.remove(0)
+        } else {
+            std::mem::replace(&mut spare, Scale::empty())
+        };
+        scale_responses(img, sigma, s.truncate, &mut ws, &mut next);
+        window.push(next);
         if i >= 1 {
             let k = window.len() - 2;
             examine(&window, k);

@@ -140,58 +140,146 @@ pub fn gaussian_kernel(sigma: f64, order: u8, truncate: f64) -> Kernel {
 
 /// Convolves every row with `k` (mirrored border).
 pub fn convolve_rows(src: &Plane, k: &Kernel) -> Plane {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { convolve_rows_avx2(src, k) };
-    }
-    convolve_rows_impl(src, k)
-}
-
-/// The same code compiled for AVX2 (8-wide vectors). No FMA contraction, so results
-/// are bit-identical to the baseline build.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn convolve_rows_avx2(src: &Plane, k: &Kernel) -> Plane {
-    convolve_rows_impl(src, k)
-}
-
-#[inline(always)]
-fn convolve_rows_impl(src: &Plane, k: &Kernel) -> Plane {
     let (w, h) = (src.width, src.height);
-    let r = k.radius();
     let mut out = Plane::filled(w, h, 0.0);
-    let mut padded = vec![0.0f32; w + 2 * r];
+    let mut padded = Vec::new();
     for y in 0..h {
-        let row = &src.data[y * w..(y + 1) * w];
-        for (i, p) in padded.iter_mut().enumerate() {
-            *p = row[reflect(i as isize - r as isize, w)];
-        }
-        let dst = &mut out.data[y * w..(y + 1) * w];
-        let c = &padded[r..r + w];
-        for (d, &v) in dst.iter_mut().zip(c) {
-            *d = k.half[0] * v;
-        }
-        for j in 1..=r {
-            let wj = k.half[j];
-            // Convolution: out[x] = Σ w[r+j]·in[x−j] + w[r−j]·in[x+j].
-            let left = &padded[r - j..r - j + w];
-            let right = &padded[r + j..r + j + w];
-            match k.symmetry {
-                Symmetry::Even => {
-                    for ((d, &a), &b) in dst.iter_mut().zip(left).zip(right) {
-                        *d += wj * (a + b);
-                    }
-                }
-                Symmetry::Odd => {
-                    for ((d, &a), &b) in dst.iter_mut().zip(left).zip(right) {
-                        *d += wj * (a - b);
-                    }
-                }
-            }
-        }
+        convolve_row(
+            &src.data[y * w..(y + 1) * w],
+            k,
+            &mut padded,
+            &mut out.data[y * w..(y + 1) * w],
+        );
     }
     out
+}
+
+/// Convolves one row `src` with `k` (mirrored border) into `dst` (same length);
+/// `padded` is scratch space, reused across calls to avoid allocations.
+///
+/// The sum is formed in a fixed order for every output value — the centre tap, then
+/// `w[r+j]·(in[x−j] ± in[x+j])` for j = 1 … r, without FMA contraction — so the AVX2
+/// path and the portable path give bit-identical results.
+pub fn convolve_row(src: &[f32], k: &Kernel, padded: &mut Vec<f32>, dst: &mut [f32]) {
+    let w = src.len();
+    assert_eq!(dst.len(), w, "convolve_row: source and destination lengths differ");
+    if w == 0 {
+        return;
+    }
+    let r = k.radius();
+    padded.clear();
+    padded.extend((0..r).map(|i| src[reflect(i as isize - r as isize, w)]));
+    padded.extend_from_slice(src);
+    padded.extend((0..r).map(|i| src[reflect((w + i) as isize, w)]));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above), and `padded` holds
+        // `w + 2r` values for the `w` outputs, which is what `row_avx2` requires.
+        unsafe { row_avx2(padded, k, dst) };
+        return;
+    }
+    row_portable(padded, k, dst, 0);
+}
+
+/// Outputs `x0..` of one padded row (`padded.len() == dst.len() + 2r`), one at a time.
+fn row_portable(padded: &[f32], k: &Kernel, dst: &mut [f32], x0: usize) {
+    let r = k.radius();
+    for (x, d) in dst.iter_mut().enumerate().skip(x0) {
+        let mut acc = k.half[0] * padded[r + x];
+        for j in 1..=r {
+            let (a, b) = (padded[r + x - j], padded[r + x + j]);
+            // Convolution: out[x] = Σ w[r+j]·in[x−j] + w[r−j]·in[x+j].
+            acc += k.half[j]
+                * match k.symmetry {
+                    Symmetry::Even => a + b,
+                    Symmetry::Odd => a - b,
+                };
+        }
+        *d = acc;
+    }
+}
+
+/// [`convolve_row`]'s inner loop on AVX2: blocks of 64 outputs (8 vectors) kept in
+/// registers over all taps, then blocks of 8, then the portable loop for the rest.
+///
+/// # Safety
+/// The CPU must support AVX2, and `padded.len() >= dst.len() + 2 · k.radius()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
+    let w = dst.len();
+    let r = k.radius();
+    assert!(padded.len() >= w + 2 * r, "row_avx2: padded row too short");
+    let odd = k.symmetry == Symmetry::Odd;
+    let mut x = 0;
+    while x + 64 <= w {
+        // SAFETY: x + 64 <= w, so every load reads padded[x .. x + 64 + 2r] (in bounds
+        // by the assertion above) and every store writes dst[x .. x + 64].
+        unsafe {
+            if odd {
+                row_block_avx2::<8, true>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+            } else {
+                row_block_avx2::<8, false>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+            }
+        }
+        x += 64;
+    }
+    while x + 8 <= w {
+        // SAFETY: as above, for 8 outputs.
+        unsafe {
+            if odd {
+                row_block_avx2::<1, true>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+            } else {
+                row_block_avx2::<1, false>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+            }
+        }
+        x += 8;
+    }
+    row_portable(padded, k, dst, x);
+}
+
+/// `8·N` outputs starting at `x`, accumulated in `N` vector registers.
+///
+/// # Safety
+/// The CPU must support AVX2; `p[x .. x + 8N + 2r]` must be readable, `half` must hold
+/// `r + 1` values and `d[x .. x + 8N]` must be writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn row_block_avx2<const N: usize, const ODD: bool>(
+    p: *const f32,
+    x: usize,
+    r: usize,
+    half: &[f32],
+    d: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees the bounds; loads and stores are unaligned.
+    unsafe {
+        let c = _mm256_set1_ps(half[0]);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_mul_ps(c, _mm256_loadu_ps(p.add(r + x + 8 * v)));
+        }
+        for j in 1..=r {
+            let wj = _mm256_set1_ps(*half.get_unchecked(j));
+            let left = p.add(r + x - j);
+            let right = p.add(r + x + j);
+            for (v, a) in acc.iter_mut().enumerate() {
+                let l = _mm256_loadu_ps(left.add(8 * v));
+                let rr = _mm256_loadu_ps(right.add(8 * v));
+                let s = if ODD {
+                    _mm256_sub_ps(l, rr)
+                } else {
+                    _mm256_add_ps(l, rr)
+                };
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wj, s));
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(d.add(x + 8 * v), *a);
+        }
+    }
 }
 
 /// Convolves every column with `k` (mirrored border), working on whole rows at a time.
@@ -232,23 +320,14 @@ pub fn convolve_cols(src: &Plane, k: &Kernel) -> Plane {
 /// the same radius (orders 0, 1, 2) — in one pass over the rows instead of three; the
 /// results equal three calls of [`convolve_cols`].
 pub fn convolve_cols3(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { convolve_cols3_avx2(src, k) };
-    }
-    convolve_cols3_impl(src, k)
+    let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::filled(0, 0, 0.0));
+    convolve_cols3_into(src, k, &mut out);
+    out
 }
 
-/// [`convolve_cols3`] compiled for AVX2 (bit-identical results).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn convolve_cols3_avx2(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
-    convolve_cols3_impl(src, k)
-}
-
-#[inline(always)]
-fn convolve_cols3_impl(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
+/// [`convolve_cols3`] into existing planes (resized to the source's size), so that a
+/// caller looping over scales allocates them once.
+pub fn convolve_cols3_into(src: &Plane, k: [&Kernel; 3], out: &mut [Plane; 3]) {
     let (w, h) = (src.width, src.height);
     let r = k[0].radius();
     assert!(
@@ -258,41 +337,170 @@ fn convolve_cols3_impl(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
             && k[2].symmetry == Symmetry::Even,
         "convolve_cols3 needs even, odd, even kernels of equal radius"
     );
-    let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::filled(w, h, 0.0));
-    let [o0, o1, o2] = &mut out;
+    assert_eq!(src.data.len(), w * h, "convolve_cols3: plane size mismatch");
+    for o in out.iter_mut() {
+        o.width = w;
+        o.height = h;
+        o.data.resize(w * h, 0.0);
+    }
+    if w == 0 || h == 0 {
+        return;
+    }
+    // Offset of the (mirrored) source row for padded row index i = y + r + dy.
+    let rows: Vec<usize> = (0..h + 2 * r)
+        .map(|i| reflect(i as isize - r as isize, h) * w)
+        .collect();
+    let [o0, o1, o2] = out;
+    let dst = [&mut o0.data[..], &mut o1.data[..], &mut o2.data[..]];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above); `rows` holds `h + 2r`
+        // offsets of whole rows of `src`, and each output holds `w · h` values.
+        unsafe { cols3_avx2(&src.data, w, h, k, &rows, dst) };
+        return;
+    }
+    cols3_portable(&src.data, w, h, k, &rows, dst, 0);
+}
+
+/// Columns `x0..w` of the fused column pass, one value at a time (the same order of
+/// operations as the vector code).
+fn cols3_portable(
+    src: &[f32],
+    w: usize,
+    h: usize,
+    k: [&Kernel; 3],
+    rows: &[usize],
+    dst: [&mut [f32]; 3],
+    x0: usize,
+) {
+    let r = k[0].radius();
+    let [d0, d1, d2] = dst;
     for y in 0..h {
-        let span = y * w..(y + 1) * w;
-        let d0 = &mut o0.data[span.clone()];
-        let d1 = &mut o1.data[span.clone()];
-        let d2 = &mut o2.data[span];
-        let row = |dy: isize| {
-            let yy = reflect(y as isize + dy, h);
-            &src.data[yy * w..yy * w + w]
-        };
-        let c = row(0);
-        let (c0, c1, c2) = (k[0].half[0], k[1].half[0], k[2].half[0]);
-        for (((a, b), e), &v) in d0.iter_mut().zip(d1.iter_mut()).zip(d2.iter_mut()).zip(c) {
-            *a = c0 * v;
-            *b = c1 * v;
-            *e = c2 * v;
-        }
-        for j in 1..=r {
-            let (above, below) = (row(-(j as isize)), row(j as isize));
-            let (w0, w1, w2) = (k[0].half[j], k[1].half[j], k[2].half[j]);
-            let it = d0
-                .iter_mut()
-                .zip(d1.iter_mut())
-                .zip(d2.iter_mut())
-                .zip(above.iter().zip(below));
-            for (((p0, p1), p2), (&a, &b)) in it {
+        for x in x0..w {
+            let v = src[rows[y + r] + x];
+            let mut a0 = k[0].half[0] * v;
+            let mut a1 = k[1].half[0] * v;
+            let mut a2 = k[2].half[0] * v;
+            for j in 1..=r {
+                let (a, b) = (src[rows[y + r - j] + x], src[rows[y + r + j] + x]);
                 let sum = a + b;
-                *p0 += w0 * sum;
-                *p1 += w1 * (a - b);
-                *p2 += w2 * sum;
+                a0 += k[0].half[j] * sum;
+                a1 += k[1].half[j] * (a - b);
+                a2 += k[2].half[j] * sum;
+            }
+            d0[y * w + x] = a0;
+            d1[y * w + x] = a1;
+            d2[y * w + x] = a2;
+        }
+    }
+}
+
+/// The fused column pass on AVX2: strips of 16 columns (2 vectors × 3 outputs kept in
+/// registers over all taps), walked down the image so the strip's rows stay in cache;
+/// then one strip of 8; the portable loop for the last columns.
+///
+/// # Safety
+/// The CPU must support AVX2; `src` and each of `dst` hold `w · h` values, and `rows`
+/// holds `h + 2r` offsets, each a multiple of `w` below `w · h`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn cols3_avx2(
+    src: &[f32],
+    w: usize,
+    h: usize,
+    k: [&Kernel; 3],
+    rows: &[usize],
+    dst: [&mut [f32]; 3],
+) {
+    let r = k[0].radius();
+    assert!(
+        src.len() >= w * h
+            && dst.iter().all(|d| d.len() >= w * h)
+            && rows.len() >= h + 2 * r
+            && rows.iter().all(|&o| o + w <= src.len()),
+        "cols3_avx2: bad sizes"
+    );
+    let out = [dst[0].as_mut_ptr(), dst[1].as_mut_ptr(), dst[2].as_mut_ptr()];
+    let mut x = 0;
+    while x + 16 <= w {
+        // SAFETY: x + 16 <= w, every row offset + w is within `src` and the outputs
+        // hold w · h values (asserted above).
+        unsafe { cols3_strip_avx2::<2>(src.as_ptr(), w, h, k, rows, out, x) };
+        x += 16;
+    }
+    if x + 8 <= w {
+        // SAFETY: as above, for 8 columns.
+        unsafe { cols3_strip_avx2::<1>(src.as_ptr(), w, h, k, rows, out, x) };
+        x += 8;
+    }
+    cols3_portable(src, w, h, k, rows, dst, x);
+}
+
+/// Columns `x .. x + 8N` of the fused column pass, every row.
+///
+/// # Safety
+/// The CPU must support AVX2; for every offset `o` in `rows`, `s[o + x .. o + x + 8N]`
+/// must be readable; `out[i][y·w + x .. y·w + x + 8N]` writable for every row y < h;
+/// `rows.len() >= h + 2r` and each kernel holds `r + 1` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn cols3_strip_avx2<const N: usize>(
+    s: *const f32,
+    w: usize,
+    h: usize,
+    k: [&Kernel; 3],
+    rows: &[usize],
+    out: [*mut f32; 3],
+    x: usize,
+) {
+    use std::arch::x86_64::*;
+    let r = k[0].radius();
+    let (h0, h1, h2) = (&k[0].half, &k[1].half, &k[2].half);
+    // SAFETY: the caller guarantees the bounds; loads and stores are unaligned.
+    unsafe {
+        for y in 0..h {
+            let c = s.add(rows[y + r] + x);
+            let (c0, c1, c2) = (
+                _mm256_set1_ps(h0[0]),
+                _mm256_set1_ps(h1[0]),
+                _mm256_set1_ps(h2[0]),
+            );
+            let mut a0 = [_mm256_setzero_ps(); N];
+            let mut a1 = [_mm256_setzero_ps(); N];
+            let mut a2 = [_mm256_setzero_ps(); N];
+            for v in 0..N {
+                let p = _mm256_loadu_ps(c.add(8 * v));
+                a0[v] = _mm256_mul_ps(c0, p);
+                a1[v] = _mm256_mul_ps(c1, p);
+                a2[v] = _mm256_mul_ps(c2, p);
+            }
+            for j in 1..=r {
+                let up = s.add(*rows.get_unchecked(y + r - j) + x);
+                let down = s.add(*rows.get_unchecked(y + r + j) + x);
+                let (w0, w1, w2) = (
+                    _mm256_set1_ps(*h0.get_unchecked(j)),
+                    _mm256_set1_ps(*h1.get_unchecked(j)),
+                    _mm256_set1_ps(*h2.get_unchecked(j)),
+                );
+                for v in 0..N {
+                    let a = _mm256_loadu_ps(up.add(8 * v));
+                    let b = _mm256_loadu_ps(down.add(8 * v));
+                    let sum = _mm256_add_ps(a, b);
+                    let diff = _mm256_sub_ps(a, b);
+                    a0[v] = _mm256_add_ps(a0[v], _mm256_mul_ps(w0, sum));
+                    a1[v] = _mm256_add_ps(a1[v], _mm256_mul_ps(w1, diff));
+                    a2[v] = _mm256_add_ps(a2[v], _mm256_mul_ps(w2, sum));
+                }
+            }
+            let o = y * w + x;
+            for v in 0..N {
+                _mm256_storeu_ps(out[0].add(o + 8 * v), a0[v]);
+                _mm256_storeu_ps(out[1].add(o + 8 * v), a1[v]);
+                _mm256_storeu_ps(out[2].add(o + 8 * v), a2[v]);
             }
         }
     }
-    out
 }
 
 /// Separable convolution: `kx` along rows (x), `ky` along columns (y).
