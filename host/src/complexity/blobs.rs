@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::filters::{convolve_cols3_into, convolve_row, gaussian_kernel, Plane};
+use super::filters::{convolve_cols3_strips, convolve_row, gaussian_kernel, ColumnStrips, Plane};
 
 /// Which blobs count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,12 +175,18 @@ impl Workspace {
 /// (its buffers are reused). One fused column pass gives the image filtered along y
 /// with the Gaussian's orders 0, 1, 2; then each row is filtered along x and combined
 /// at once, so `Lxx`, `Lyy`, `Lxy` never exist as whole planes.
-fn scale_responses(img: &Plane, sigma: f64, truncate: f64, ws: &mut Workspace, out: &mut Scale) {
-    let (w, h) = (img.width, img.height);
+fn scale_responses(
+    img: &ColumnStrips,
+    (w, h): (usize, usize),
+    sigma: f64,
+    truncate: f64,
+    ws: &mut Workspace,
+    out: &mut Scale,
+) {
     let g0 = gaussian_kernel(sigma, 0, truncate);
     let g1 = gaussian_kernel(sigma, 1, truncate);
     let g2 = gaussian_kernel(sigma, 2, truncate);
-    convolve_cols3_into(img, [&g0, &g1, &g2], &mut ws.cols);
+    convolve_cols3_strips(img, [&g0, &g1, &g2], &mut ws.cols);
     let s2 = (sigma * sigma) as f32;
     let s4 = s2 * s2;
     out.sigma = sigma;
@@ -379,6 +385,13 @@ pub fn prune(blobs: &mut Vec<Blob>, overlap: f64) {
 /// Runs both detectors on a gray image in [0, 1].
 pub fn detect(img: &Plane, s: &BlobSettings) -> Detections {
     let sigmas = s.sigmas();
+    let max_radius = sigmas
+        .iter()
+        .map(|&sigma| gaussian_kernel(sigma, 0, s.truncate).radius())
+        .max()
+        .unwrap_or(0);
+    let strips = ColumnStrips::new(img, max_radius);
+    let size = (img.width, img.height);
     let mut ws = Workspace::new();
     let mut window: Vec<Scale> = Vec::with_capacity(3);
     let mut spare = Scale::empty();
@@ -438,7 +451,7 @@ pub fn detect(img: &Plane, s: &BlobSettings) -> Detections {
         } else {
             std::mem::replace(&mut spare, Scale::empty())
         };
-        scale_responses(img, sigma, s.truncate, &mut ws, &mut next);
+        scale_responses(&strips, size, sigma, s.truncate, &mut ws, &mut next);
         window.push(next);
         if i >= 1 {
             let k = window.len() - 2;

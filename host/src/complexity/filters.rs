@@ -154,12 +154,19 @@ pub fn convolve_rows(src: &Plane, k: &Kernel) -> Plane {
     out
 }
 
+/// Whether the vector kernels can run (AVX2 and FMA), checked once per call site.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 /// Convolves one row `src` with `k` (mirrored border) into `dst` (same length);
 /// `padded` is scratch space, reused across calls to avoid allocations.
 ///
-/// The sum is formed in a fixed order for every output value — the centre tap, then
-/// `w[r+j]·(in[x−j] ± in[x+j])` for j = 1 … r, without FMA contraction — so the AVX2
-/// path and the portable path give bit-identical results.
+/// Every output value is formed in the same order — the centre tap times the centre
+/// value, then `acc = w[r+j]·(in[x−j] ± in[x+j]) + acc` as one fused multiply-add for
+/// j = 1 … r — so the AVX2 path and the portable path (`f32::mul_add`) give
+/// bit-identical results.
 pub fn convolve_row(src: &[f32], k: &Kernel, padded: &mut Vec<f32>, dst: &mut [f32]) {
     let w = src.len();
     assert_eq!(dst.len(), w, "convolve_row: source and destination lengths differ");
@@ -172,79 +179,88 @@ pub fn convolve_row(src: &[f32], k: &Kernel, padded: &mut Vec<f32>, dst: &mut [f
     padded.extend_from_slice(src);
     padded.extend((0..r).map(|i| src[reflect((w + i) as isize, w)]));
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above), and `padded` holds
-        // `w + 2r` values for the `w` outputs, which is what `row_avx2` requires.
+    if has_avx2_fma() {
+        // Slack so that the last, partial block of 8 outputs reads in bounds.
+        padded.extend_from_slice(&[0.0; 8]);
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above), and `padded`
+        // holds `w + 2r + 8` values for the `w` outputs, as `row_avx2` requires.
         unsafe { row_avx2(padded, k, dst) };
         return;
     }
-    row_portable(padded, k, dst, 0);
+    row_portable(padded, k, dst);
 }
 
-/// Outputs `x0..` of one padded row (`padded.len() == dst.len() + 2r`), one at a time.
-fn row_portable(padded: &[f32], k: &Kernel, dst: &mut [f32], x0: usize) {
+/// One padded row (`padded.len() >= dst.len() + 2r`), one output at a time.
+fn row_portable(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
     let r = k.radius();
-    for (x, d) in dst.iter_mut().enumerate().skip(x0) {
+    for (x, d) in dst.iter_mut().enumerate() {
         let mut acc = k.half[0] * padded[r + x];
         for j in 1..=r {
             let (a, b) = (padded[r + x - j], padded[r + x + j]);
             // Convolution: out[x] = Σ w[r+j]·in[x−j] + w[r−j]·in[x+j].
-            acc += k.half[j]
-                * match k.symmetry {
-                    Symmetry::Even => a + b,
-                    Symmetry::Odd => a - b,
-                };
+            let s = match k.symmetry {
+                Symmetry::Even => a + b,
+                Symmetry::Odd => a - b,
+            };
+            acc = k.half[j].mul_add(s, acc);
         }
         *d = acc;
     }
 }
 
 /// [`convolve_row`]'s inner loop on AVX2: blocks of 64 outputs (8 vectors) kept in
-/// registers over all taps, then blocks of 8, then the portable loop for the rest.
+/// registers over all taps, then blocks of 8; the last partial block is computed into
+/// a small buffer and copied.
 ///
 /// # Safety
-/// The CPU must support AVX2, and `padded.len() >= dst.len() + 2 · k.radius()`.
+/// The CPU must support AVX2 and FMA, and `padded.len() >= dst.len() + 2r + 8` where
+/// `r = k.radius()`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn row_avx2(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
     let w = dst.len();
     let r = k.radius();
-    assert!(padded.len() >= w + 2 * r, "row_avx2: padded row too short");
+    assert!(padded.len() >= w + 2 * r + 8, "row_avx2: padded row too short");
     let odd = k.symmetry == Symmetry::Odd;
+    let p = padded.as_ptr();
     let mut x = 0;
     while x + 64 <= w {
-        // SAFETY: x + 64 <= w, so every load reads padded[x .. x + 64 + 2r] (in bounds
-        // by the assertion above) and every store writes dst[x .. x + 64].
+        // SAFETY: x + 64 <= w, so every load reads within padded[x .. x + 64 + 2r]
+        // (in bounds by the assertion above) and every store writes dst[x .. x + 64].
         unsafe {
             if odd {
-                row_block_avx2::<8, true>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+                row_block_avx2::<8, true>(p, x, r, &k.half, dst.as_mut_ptr().add(x));
             } else {
-                row_block_avx2::<8, false>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+                row_block_avx2::<8, false>(p, x, r, &k.half, dst.as_mut_ptr().add(x));
             }
         }
         x += 64;
     }
-    while x + 8 <= w {
-        // SAFETY: as above, for 8 outputs.
+    while x < w {
+        let mut tmp = [0.0f32; 8];
+        // SAFETY: x < w, so the loads read within padded[x .. x + 8 + 2r], in bounds
+        // thanks to the 8 values of slack; the stores write the 8 values of `tmp`.
         unsafe {
             if odd {
-                row_block_avx2::<1, true>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+                row_block_avx2::<1, true>(p, x, r, &k.half, tmp.as_mut_ptr());
             } else {
-                row_block_avx2::<1, false>(padded.as_ptr(), x, r, &k.half, dst.as_mut_ptr());
+                row_block_avx2::<1, false>(p, x, r, &k.half, tmp.as_mut_ptr());
             }
         }
-        x += 8;
+        let n = (w - x).min(8);
+        dst[x..x + n].copy_from_slice(&tmp[..n]);
+        x += n;
     }
-    row_portable(padded, k, dst, x);
 }
 
-/// `8·N` outputs starting at `x`, accumulated in `N` vector registers.
+/// `8·N` outputs for padded positions `x ..`, accumulated in `N` vector registers and
+/// stored at `d[0 .. 8N]`.
 ///
 /// # Safety
-/// The CPU must support AVX2; `p[x .. x + 8N + 2r]` must be readable, `half` must hold
-/// `r + 1` values and `d[x .. x + 8N]` must be writable.
+/// The CPU must support AVX2 and FMA; `p[x .. x + 8N + 2r]` must be readable, `half`
+/// must hold `r + 1` values and `d[0 .. 8N]` must be writable.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn row_block_avx2<const N: usize, const ODD: bool>(
     p: *const f32,
@@ -273,11 +289,11 @@ unsafe fn row_block_avx2<const N: usize, const ODD: bool>(
                 } else {
                     _mm256_add_ps(l, rr)
                 };
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(wj, s));
+                *a = _mm256_fmadd_ps(wj, s, *a);
             }
         }
         for (v, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(d.add(x + 8 * v), *a);
+            _mm256_storeu_ps(d.add(8 * v), *a);
         }
     }
 }
@@ -318,16 +334,73 @@ pub fn convolve_cols(src: &Plane, k: &Kernel) -> Plane {
 
 /// Convolves every column with a Gaussian triple — an even, an odd and an even kernel of
 /// the same radius (orders 0, 1, 2) — in one pass over the rows instead of three; the
-/// results equal three calls of [`convolve_cols`].
+/// results equal three calls of [`convolve_cols`] up to rounding (this pass uses fused
+/// multiply-adds).
 pub fn convolve_cols3(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
     let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::filled(0, 0, 0.0));
-    convolve_cols3_into(src, k, &mut out);
+    convolve_cols3_strips(&ColumnStrips::new(src, k[0].radius()), k, &mut out);
     out
 }
 
-/// [`convolve_cols3`] into existing planes (resized to the source's size), so that a
-/// caller looping over scales allocates them once.
-pub fn convolve_cols3_into(src: &Plane, k: [&Kernel; 3], out: &mut [Plane; 3]) {
+/// Width of a column strip: two AVX2 vectors, one 64-byte cache line.
+const STRIP: usize = 16;
+
+/// One row of a column strip, aligned to a cache line.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C, align(64))]
+struct Line([f32; STRIP]);
+
+/// A plane rearranged for column filtering: cut into strips of 16 columns, each strip
+/// stored contiguously row after row, with `pad` mirrored rows above and below (and
+/// zeros right of the last column). A column pass then reads consecutive cache lines
+/// instead of lines one image row apart — which, for widths of 256, 512 or 1024 pixels,
+/// all fall into the same few L1 cache sets. Built once per image and shared by every
+/// scale whose kernel radius is at most `pad`.
+#[derive(Clone, Debug)]
+pub struct ColumnStrips {
+    width: usize,
+    height: usize,
+    pad: usize,
+    lines: Vec<Line>,
+}
+
+impl ColumnStrips {
+    /// Rearranges `src`, with room for kernels of radius up to `pad`.
+    pub fn new(src: &Plane, pad: usize) -> ColumnStrips {
+        let (w, h) = (src.width, src.height);
+        let strips = w.div_ceil(STRIP);
+        let tall = h + 2 * pad;
+        let mut lines = vec![Line([0.0; STRIP]); strips * tall];
+        if h > 0 {
+            for i in 0..tall {
+                let y = reflect(i as isize - pad as isize, h);
+                let row = &src.data[y * w..(y + 1) * w];
+                for (s, chunk) in row.chunks(STRIP).enumerate() {
+                    lines[s * tall + i].0[..chunk.len()].copy_from_slice(chunk);
+                }
+            }
+        }
+        ColumnStrips {
+            width: w,
+            height: h,
+            pad,
+            lines,
+        }
+    }
+
+    /// The largest kernel radius these strips serve.
+    pub fn pad(&self) -> usize {
+        self.pad
+    }
+}
+
+/// The fused column pass of [`convolve_cols3`] on prepared strips, into existing planes
+/// (resized to the image's size), so a caller looping over scales allocates nothing.
+///
+/// Every output value is formed in the same order — the centre tap times the centre
+/// value, then one fused multiply-add per tap pair `w[r+j]·(in[y−j] ± in[y+j])` for
+/// j = 1 … r — on the AVX2 path and on the portable path alike (bit-identical).
+pub fn convolve_cols3_strips(src: &ColumnStrips, k: [&Kernel; 3], out: &mut [Plane; 3]) {
     let (w, h) = (src.width, src.height);
     let r = k[0].radius();
     assert!(
@@ -337,168 +410,161 @@ pub fn convolve_cols3_into(src: &Plane, k: [&Kernel; 3], out: &mut [Plane; 3]) {
             && k[2].symmetry == Symmetry::Even,
         "convolve_cols3 needs even, odd, even kernels of equal radius"
     );
-    assert_eq!(src.data.len(), w * h, "convolve_cols3: plane size mismatch");
+    assert!(r <= src.pad, "kernel radius {r} exceeds the strips' padding {}", src.pad);
     for o in out.iter_mut() {
         o.width = w;
         o.height = h;
         o.data.resize(w * h, 0.0);
     }
-    if w == 0 || h == 0 {
+    let tall = h + 2 * src.pad;
+    let halves = [&k[0].half[..], &k[1].half[..], &k[2].half[..]];
+    if h == 0 {
         return;
     }
-    // Offset of the (mirrored) source row for padded row index i = y + r + dy.
-    let rows: Vec<usize> = (0..h + 2 * r)
-        .map(|i| reflect(i as isize - r as isize, h) * w)
-        .collect();
-    let [o0, o1, o2] = out;
-    let dst = [&mut o0.data[..], &mut o1.data[..], &mut o2.data[..]];
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above); `rows` holds `h + 2r`
-        // offsets of whole rows of `src`, and each output holds `w · h` values.
-        unsafe { cols3_avx2(&src.data, w, h, k, &rows, dst) };
-        return;
+    for (s, strip) in src.lines.chunks_exact(tall).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above); the strip
+            // holds h + 2·pad lines with r <= pad (asserted above), each half holds
+            // r + 1 values, and the outputs hold w · h values for columns s·16 .. w.
+            unsafe { cols3_strip_avx2(strip, src.pad, s * STRIP, halves, out) };
+            continue;
+        }
+        cols3_strip_portable(strip, src.pad, s * STRIP, halves, out);
     }
-    cols3_portable(&src.data, w, h, k, &rows, dst, 0);
 }
 
-/// Columns `x0..w` of the fused column pass, one value at a time (the same order of
-/// operations as the vector code).
-fn cols3_portable(
-    src: &[f32],
-    w: usize,
-    h: usize,
-    k: [&Kernel; 3],
-    rows: &[usize],
-    dst: [&mut [f32]; 3],
-    x0: usize,
+/// One strip of the fused column pass (columns `x .. x + 16`, clipped to the width),
+/// one value at a time.
+fn cols3_strip_portable(
+    strip: &[Line],
+    pad: usize,
+    x: usize,
+    k: [&[f32]; 3],
+    out: &mut [Plane; 3],
 ) {
-    let r = k[0].radius();
-    let [d0, d1, d2] = dst;
+    let (w, h) = (out[0].width, out[0].height);
+    let n = (w - x).min(STRIP);
+    let mut tmp = [[0.0f32; STRIP]; 3];
     for y in 0..h {
-        for x in x0..w {
-            let v = src[rows[y + r] + x];
-            let mut a0 = k[0].half[0] * v;
-            let mut a1 = k[1].half[0] * v;
-            let mut a2 = k[2].half[0] * v;
-            for j in 1..=r {
-                let (a, b) = (src[rows[y + r - j] + x], src[rows[y + r + j] + x]);
-                let sum = a + b;
-                a0 += k[0].half[j] * sum;
-                a1 += k[1].half[j] * (a - b);
-                a2 += k[2].half[j] * sum;
-            }
-            d0[y * w + x] = a0;
-            d1[y * w + x] = a1;
-            d2[y * w + x] = a2;
+        // Lines pad + y − j ..= pad + y + j hold rows y − j ..= y + j (mirrored).
+        cols3_point_portable(strip, pad + y, k, &mut tmp);
+        let o = y * w + x;
+        for (plane, t) in out.iter_mut().zip(&tmp) {
+            plane.data[o..o + n].copy_from_slice(&t[..n]);
         }
     }
 }
 
-/// The fused column pass on AVX2: strips of 16 columns (2 vectors × 3 outputs kept in
-/// registers over all taps), walked down the image so the strip's rows stay in cache;
-/// then one strip of 8; the portable loop for the last columns.
+/// [`cols3_strip_portable`] on AVX2.
 ///
 /// # Safety
-/// The CPU must support AVX2; `src` and each of `dst` hold `w · h` values, and `rows`
-/// holds `h + 2r` offsets, each a multiple of `w` below `w · h`.
+/// The CPU must support AVX2 and FMA; `strip` holds `h + 2·pad` lines, each of `k`
+/// holds `r + 1 <= pad + 1` values, and `x < w` for the outputs' width `w`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn cols3_avx2(
-    src: &[f32],
-    w: usize,
-    h: usize,
-    k: [&Kernel; 3],
-    rows: &[usize],
-    dst: [&mut [f32]; 3],
+#[target_feature(enable = "avx2,fma")]
+unsafe fn cols3_strip_avx2(
+    strip: &[Line],
+    pad: usize,
+    x: usize,
+    k: [&[f32]; 3],
+    out: &mut [Plane; 3],
 ) {
-    let r = k[0].radius();
-    assert!(
-        src.len() >= w * h
-            && dst.iter().all(|d| d.len() >= w * h)
-            && rows.len() >= h + 2 * r
-            && rows.iter().all(|&o| o + w <= src.len()),
-        "cols3_avx2: bad sizes"
-    );
-    let out = [dst[0].as_mut_ptr(), dst[1].as_mut_ptr(), dst[2].as_mut_ptr()];
-    let mut x = 0;
-    while x + 16 <= w {
-        // SAFETY: x + 16 <= w, every row offset + w is within `src` and the outputs
-        // hold w · h values (asserted above).
-        unsafe { cols3_strip_avx2::<2>(src.as_ptr(), w, h, k, rows, out, x) };
-        x += 16;
+    let (w, h) = (out[0].width, out[0].height);
+    let n = (w - x).min(STRIP);
+    let mut tmp = [[0.0f32; STRIP]; 3];
+    for y in 0..h {
+        // SAFETY: AVX2 and FMA are enabled; centre = pad + y, and centre ± r indexes
+        // the strip's h + 2·pad lines because r <= pad and y < h.
+        unsafe { cols3_point_avx2(strip, pad + y, k, &mut tmp) };
+        let o = y * w + x;
+        for (plane, t) in out.iter_mut().zip(&tmp) {
+            plane.data[o..o + n].copy_from_slice(&t[..n]);
+        }
     }
-    if x + 8 <= w {
-        // SAFETY: as above, for 8 columns.
-        unsafe { cols3_strip_avx2::<1>(src.as_ptr(), w, h, k, rows, out, x) };
-        x += 8;
-    }
-    cols3_portable(src, w, h, k, rows, dst, x);
 }
 
-/// Columns `x .. x + 8N` of the fused column pass, every row.
+/// The three column-filtered values of one strip row (16 columns), one at a time.
+fn cols3_point_portable(
+    strip: &[Line],
+    centre: usize,
+    k: [&[f32]; 3],
+    out: &mut [[f32; STRIP]; 3],
+) {
+    let r = k[0].len() - 1;
+    for lane in 0..STRIP {
+        let v = strip[centre].0[lane];
+        let mut acc = [k[0][0] * v, k[1][0] * v, k[2][0] * v];
+        for j in 1..=r {
+            let (a, b) = (strip[centre - j].0[lane], strip[centre + j].0[lane]);
+            let sum = a + b;
+            acc[0] = k[0][j].mul_add(sum, acc[0]);
+            acc[1] = k[1][j].mul_add(a - b, acc[1]);
+            acc[2] = k[2][j].mul_add(sum, acc[2]);
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            o[lane] = a;
+        }
+    }
+}
+
+/// [`cols3_point_portable`] on AVX2: 2 vectors × 3 outputs in registers over all taps,
+/// aligned loads of consecutive lines.
 ///
 /// # Safety
-/// The CPU must support AVX2; for every offset `o` in `rows`, `s[o + x .. o + x + 8N]`
-/// must be readable; `out[i][y·w + x .. y·w + x + 8N]` writable for every row y < h;
-/// `rows.len() >= h + 2r` and each kernel holds `r + 1` values.
+/// The CPU must support AVX2 and FMA; `centre ± r` must index lines of `strip`, where
+/// each of `k` holds `r + 1` values.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn cols3_strip_avx2<const N: usize>(
-    s: *const f32,
-    w: usize,
-    h: usize,
-    k: [&Kernel; 3],
-    rows: &[usize],
-    out: [*mut f32; 3],
-    x: usize,
+unsafe fn cols3_point_avx2(
+    strip: &[Line],
+    centre: usize,
+    k: [&[f32]; 3],
+    out: &mut [[f32; STRIP]; 3],
 ) {
     use std::arch::x86_64::*;
-    let r = k[0].radius();
-    let (h0, h1, h2) = (&k[0].half, &k[1].half, &k[2].half);
-    // SAFETY: the caller guarantees the bounds; loads and stores are unaligned.
+    let r = k[0].len() - 1;
+    assert!(
+        centre >= r && centre + r < strip.len() && k.iter().all(|h| h.len() == r + 1),
+        "cols3_point_avx2: out of bounds"
+    );
+    let base = strip.as_ptr().cast::<f32>();
+    // SAFETY: every line index used is within centre ± r (asserted above); lines are
+    // 64-byte aligned, so the loads at offsets 0 and 8 floats are 32-byte aligned.
     unsafe {
-        for y in 0..h {
-            let c = s.add(rows[y + r] + x);
-            let (c0, c1, c2) = (
-                _mm256_set1_ps(h0[0]),
-                _mm256_set1_ps(h1[0]),
-                _mm256_set1_ps(h2[0]),
+        let line = |i: usize| base.add(i * STRIP);
+        let c = line(centre);
+        let (p0, p1) = (_mm256_load_ps(c), _mm256_load_ps(c.add(8)));
+        let (c0, c1, c2) = (
+            _mm256_set1_ps(k[0][0]),
+            _mm256_set1_ps(k[1][0]),
+            _mm256_set1_ps(k[2][0]),
+        );
+        let (mut a00, mut a01) = (_mm256_mul_ps(c0, p0), _mm256_mul_ps(c0, p1));
+        let (mut a10, mut a11) = (_mm256_mul_ps(c1, p0), _mm256_mul_ps(c1, p1));
+        let (mut a20, mut a21) = (_mm256_mul_ps(c2, p0), _mm256_mul_ps(c2, p1));
+        for j in 1..=r {
+            let (up, down) = (line(centre - j), line(centre + j));
+            let (w0, w1, w2) = (
+                _mm256_set1_ps(*k[0].get_unchecked(j)),
+                _mm256_set1_ps(*k[1].get_unchecked(j)),
+                _mm256_set1_ps(*k[2].get_unchecked(j)),
             );
-            let mut a0 = [_mm256_setzero_ps(); N];
-            let mut a1 = [_mm256_setzero_ps(); N];
-            let mut a2 = [_mm256_setzero_ps(); N];
-            for v in 0..N {
-                let p = _mm256_loadu_ps(c.add(8 * v));
-                a0[v] = _mm256_mul_ps(c0, p);
-                a1[v] = _mm256_mul_ps(c1, p);
-                a2[v] = _mm256_mul_ps(c2, p);
-            }
-            for j in 1..=r {
-                let up = s.add(*rows.get_unchecked(y + r - j) + x);
-                let down = s.add(*rows.get_unchecked(y + r + j) + x);
-                let (w0, w1, w2) = (
-                    _mm256_set1_ps(*h0.get_unchecked(j)),
-                    _mm256_set1_ps(*h1.get_unchecked(j)),
-                    _mm256_set1_ps(*h2.get_unchecked(j)),
-                );
-                for v in 0..N {
-                    let a = _mm256_loadu_ps(up.add(8 * v));
-                    let b = _mm256_loadu_ps(down.add(8 * v));
-                    let sum = _mm256_add_ps(a, b);
-                    let diff = _mm256_sub_ps(a, b);
-                    a0[v] = _mm256_add_ps(a0[v], _mm256_mul_ps(w0, sum));
-                    a1[v] = _mm256_add_ps(a1[v], _mm256_mul_ps(w1, diff));
-                    a2[v] = _mm256_add_ps(a2[v], _mm256_mul_ps(w2, sum));
-                }
-            }
-            let o = y * w + x;
-            for v in 0..N {
-                _mm256_storeu_ps(out[0].add(o + 8 * v), a0[v]);
-                _mm256_storeu_ps(out[1].add(o + 8 * v), a1[v]);
-                _mm256_storeu_ps(out[2].add(o + 8 * v), a2[v]);
-            }
+            let (u0, u1) = (_mm256_load_ps(up), _mm256_load_ps(up.add(8)));
+            let (d0, d1) = (_mm256_load_ps(down), _mm256_load_ps(down.add(8)));
+            let (s0, s1) = (_mm256_add_ps(u0, d0), _mm256_add_ps(u1, d1));
+            let (e0, e1) = (_mm256_sub_ps(u0, d0), _mm256_sub_ps(u1, d1));
+            a00 = _mm256_fmadd_ps(w0, s0, a00);
+            a01 = _mm256_fmadd_ps(w0, s1, a01);
+            a10 = _mm256_fmadd_ps(w1, e0, a10);
+            a11 = _mm256_fmadd_ps(w1, e1, a11);
+            a20 = _mm256_fmadd_ps(w2, s0, a20);
+            a21 = _mm256_fmadd_ps(w2, s1, a21);
+        }
+        for (o, (lo, hi)) in out.iter_mut().zip([(a00, a01), (a10, a11), (a20, a21)]) {
+            _mm256_storeu_ps(o.as_mut_ptr(), lo);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), hi);
         }
     }
 }
