@@ -182,7 +182,7 @@ pub fn calibration_inputs(
 /// halos (half of each tile is new output; smaller tiles recompute more).
 pub fn tile_for(model: &FloatModel, requested: Option<(u32, u32)>) -> Result<(u32, u32)> {
     let t = ccnet_device::tile::geometry(&ccnet_shared::graph::Graph::new_unchecked(&model.graph))
-        .map_err(|e| anyhow!("the network cannot be tiled: {e:?}"))?;
+        .map_err(|e| anyhow!("the network cannot be tiled: {e}"))?;
     let min = 2 * t.halo + t.multiple;
     match requested {
         None => {
@@ -236,7 +236,7 @@ pub fn run(a: &PackArgs) -> Result<()> {
         if a.quant == Quant::Int8 { 1 } else { 4 },
         (model.graph.len() - 1) as u16,
     )
-    .map_err(|e| anyhow!("{e:?}"))?
+    .map_err(|e| anyhow!("cannot plan the arena: {e}"))?
     .planned_bytes();
     if let Some(ram) = a.ram {
         if tile_arena_bytes as u64 > ram {

@@ -181,7 +181,7 @@ pub fn candidate(
     )
     .map_err(|e| {
         anyhow!(
-            "α = {alpha}: cannot plan a {}x{} run: {e:?}",
+            "α = {alpha}: cannot plan a {}x{} run: {e}",
             input.0,
             input.1
         )

@@ -84,7 +84,7 @@ impl LoadedModel {
     /// The parsed model.
     pub fn model(&self) -> Result<Model<'_>> {
         let bytes = &bytemuck::cast_slice::<u128, u8>(&self.words)[..self.len];
-        Model::parse(bytes).map_err(|e| anyhow!("not a usable model: {e:?}"))
+        Model::parse(bytes).map_err(|e| anyhow!("not a usable model: {e}"))
     }
 }
 
@@ -97,12 +97,12 @@ pub fn segment_image(
 ) -> Result<(Vec<u8>, usize)> {
     let channels = model.container().header().input.channels;
     let multiple = ccnet_device::tile::geometry(&model.graph())
-        .map_err(|e| anyhow!("{e:?}"))?
+        .map_err(|e| anyhow!("device engine: {e}"))?
         .multiple;
     let (pixels, ph, pw) = planar_padded(img, channels, multiple);
     let need = model
         .tiled_arena_bytes(ph, pw)
-        .map_err(|e| anyhow!("{e:?}"))?;
+        .map_err(|e| anyhow!("device engine: {e}"))?;
     if arena.len() < need {
         arena.resize(need, 0);
     }
@@ -117,7 +117,7 @@ pub fn segment_image(
             arena,
             &mut out,
         )
-        .map_err(|e| anyhow!("{e:?}"))?;
+        .map_err(|e| anyhow!("device engine: {e}"))?;
     let mask = (0..img.height as usize)
         .flat_map(|y| out[y * pw as usize..y * pw as usize + img.width as usize].to_vec())
         .collect();
