@@ -220,6 +220,10 @@ fn read_json(path: &Path) -> Option<Value> {
 
 /// Runs the task.
 pub fn run(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return Ok(());
+    }
     let o = parse(args)?;
     let bits = match o.quant.as_str() {
         "int8" => "8",

@@ -29,6 +29,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--help" | "-h" => {
+                println!(
+                    "usage: cargo xtask qemu [--timeout SECS]\n\n  builds the Cortex-M4F example firmware with a small packed model and runs it\n  in qemu-system-arm (mps2-an386); fails on a mask mismatch [default timeout 300 s]"
+                );
+                return Ok(());
+            }
             "--timeout" => {
                 timeout = it
                     .next()

@@ -15,3 +15,21 @@ fn malformed_budgets_are_clear_errors() {
         assert!(err.contains("1MB = 10^6 bytes"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn help_is_printed_and_succeeds() {
+    for args in [
+        &["build-for-budget", "--help"][..],
+        &["build-for-budget", "1MB", "-h"],
+        &["--help"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("usage: cargo xtask"), "{args:?}: {text}");
+        assert!(out.stderr.is_empty(), "{args:?}");
+    }
+}
