@@ -253,3 +253,58 @@ fn calibrate_select_and_pack_on_generated_data() {
     assert!(!refused.exists());
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// `ccnet validate` on the shipped U-Net calibration: one leave-one-out row per
+/// calibrated dataset and one case-1 check per dataset and target; a calibration of
+/// two datasets cannot be validated and says why.
+#[test]
+fn validate_runs_leave_one_out_on_the_shipped_calibration() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/calibration/unet.json");
+    let cal: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&shipped).unwrap()).unwrap();
+    let n = cal["datasets"].as_array().unwrap().len();
+    let (ok, out, err) = ccnet(&[
+        "validate",
+        "--calibration",
+        shipped.to_str().unwrap(),
+        "--targets",
+        "0.9,0.95,0.99",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v["leave_one_out"].as_array().unwrap();
+    assert_eq!(rows.len(), n);
+    assert_eq!(v["case1"].as_array().unwrap().len(), 3 * n);
+    for r in rows {
+        let pts = r["points"].as_array().unwrap();
+        assert!(!pts.is_empty(), "{r}");
+        for p in pts {
+            let pred = p["predicted"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&pred), "{p}");
+        }
+    }
+    // Markdown by default.
+    let (ok, out, _) = ccnet(&["validate", "--calibration", shipped.to_str().unwrap()]);
+    assert!(ok && out.contains("| held-out dataset |") && out.contains("Case 1 holds"));
+    // Bad targets and too few datasets are clear errors.
+    let (ok, _, err) = ccnet(&[
+        "validate",
+        "--calibration",
+        shipped.to_str().unwrap(),
+        "--targets",
+        "1.5",
+    ]);
+    assert!(!ok && err.contains("--targets"), "{err}");
+    let root = scratch("validate");
+    let mut two = cal.clone();
+    two["datasets"] = serde_json::Value::Array(cal["datasets"].as_array().unwrap()[..2].to_vec());
+    let small = root.join("two.json");
+    std::fs::write(&small, serde_json::to_string(&two).unwrap()).unwrap();
+    let (ok, _, err) = ccnet(&["validate", "--calibration", small.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("at least 3 calibrated datasets"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -14,6 +14,7 @@ pub mod pack;
 pub mod segment;
 pub mod select;
 pub mod train;
+pub mod validate;
 pub mod values;
 
 /// ccnet: complexity-guided compression of biomedical segmentation networks.
@@ -44,6 +45,8 @@ pub enum Command {
     Pack(pack::PackArgs),
     /// Cut one large annotated image into a dataset of square crops.
     Crops(crops::CropsArgs),
+    /// Leave-one-dataset-out validation of a calibration and the paper's case-1 check.
+    Validate(validate::ValidateArgs),
     /// Segment images offline with a packed model on the device engine (no GPU, no network).
     Segment(segment::SegmentArgs),
 }
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pack(a) => pack::run(&a),
         Command::Crops(a) => crops::run(&a).map(|_| ()),
         Command::Segment(a) => segment::run(&a),
+        Command::Validate(a) => validate::run(&a),
     }
 }
 
