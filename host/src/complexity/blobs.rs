@@ -19,7 +19,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::filters::{convolve_cols3_strips, convolve_row, gaussian_kernel, ColumnStrips, Plane};
+use super::filters::{
+    convolve_cols3_strips, convolve_row, gaussian_kernel, ColumnStrips, PaddedRows, Plane,
+};
 
 /// Which blobs count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,10 +152,9 @@ impl Scale {
 }
 
 /// Buffers reused across the scales of one image: the three column-filtered planes and
-/// one row each of `Lxx`, `Lyy`, `Lxy` plus the padded row.
+/// one row each of `Lxx`, `Lyy`, `Lxy`.
 struct Workspace {
-    cols: [Plane; 3],
-    padded: Vec<f32>,
+    cols: [PaddedRows; 3],
     lxx: Vec<f32>,
     lyy: Vec<f32>,
     lxy: Vec<f32>,
@@ -162,8 +163,7 @@ struct Workspace {
 impl Workspace {
     fn new() -> Workspace {
         Workspace {
-            cols: std::array::from_fn(|_| Plane::filled(0, 0, 0.0)),
-            padded: Vec::new(),
+            cols: std::array::from_fn(|_| PaddedRows::new(0, 0, 0)),
             lxx: Vec::new(),
             lyy: Vec::new(),
             lxy: Vec::new(),
@@ -186,7 +186,7 @@ fn scale_responses(
     let g0 = gaussian_kernel(sigma, 0, truncate);
     let g1 = gaussian_kernel(sigma, 1, truncate);
     let g2 = gaussian_kernel(sigma, 2, truncate);
-    convolve_cols3_strips(img, [&g0, &g1, &g2], &mut ws.cols);
+    convolve_cols3_strips(img, [&g0, &g1, &g2], g0.radius(), &mut ws.cols);
     let s2 = (sigma * sigma) as f32;
     let s4 = s2 * s2;
     out.sigma = sigma;
@@ -201,9 +201,9 @@ fn scale_responses(
     let [c0, c1, c2] = &ws.cols;
     for y in 0..h {
         let row = y * w..(y + 1) * w;
-        convolve_row(&c0.data[row.clone()], &g2, &mut ws.padded, &mut ws.lxx);
-        convolve_row(&c2.data[row.clone()], &g0, &mut ws.padded, &mut ws.lyy);
-        convolve_row(&c1.data[row.clone()], &g1, &mut ws.padded, &mut ws.lxy);
+        convolve_row(c0, y, &g2, &mut ws.lxx);
+        convolve_row(c2, y, &g0, &mut ws.lyy);
+        convolve_row(c1, y, &g1, &mut ws.lxy);
         let it = out.log.data[row.clone()]
             .iter_mut()
             .zip(&mut out.doh.data[row])
@@ -238,10 +238,7 @@ fn local_maxima(
         for (ci, chunk) in row.chunks(CHUNK).enumerate() {
             // Most pixels are below the threshold: skip whole chunks cheaply (a
             // branch-free count that vectorises).
-            let candidates: u32 = chunk
-                .iter()
-                .map(|&v| u32::from((v > hi) | (v < lo)))
-                .sum();
+            let candidates: u32 = chunk.iter().map(|&v| u32::from((v > hi) | (v < lo))).sum();
             if candidates == 0 {
                 continue;
             }

@@ -142,46 +142,120 @@ pub fn gaussian_kernel(sigma: f64, order: u8, truncate: f64) -> Kernel {
 pub fn convolve_rows(src: &Plane, k: &Kernel) -> Plane {
     let (w, h) = (src.width, src.height);
     let mut out = Plane::filled(w, h, 0.0);
-    let mut padded = Vec::new();
+    let mut padded = PaddedRows::new(0, 0, 0);
+    padded.copy_from(src, k.radius());
     for y in 0..h {
-        convolve_row(
-            &src.data[y * w..(y + 1) * w],
-            k,
-            &mut padded,
-            &mut out.data[y * w..(y + 1) * w],
-        );
+        convolve_row(&padded, y, k, &mut out.data[y * w..(y + 1) * w]);
     }
     out
 }
 
-/// Whether the vector kernels can run (AVX2 and FMA), checked once per call site.
+/// A plane whose rows carry `pad` values of margin on each side (plus 8 values of slack
+/// on the right, so vector code may read a whole block past the last column): a row
+/// convolution reads its mirrored border from the margins instead of copying each row
+/// into a padded buffer first.
+#[derive(Clone, Debug)]
+pub struct PaddedRows {
+    width: usize,
+    height: usize,
+    pad: usize,
+    data: Vec<f32>,
+}
+
+impl PaddedRows {
+    /// A zeroed `width × height` plane with margins of `pad`.
+    pub fn new(width: usize, height: usize, pad: usize) -> PaddedRows {
+        PaddedRows {
+            width,
+            height,
+            pad,
+            data: vec![0.0; height * (width + 2 * pad + 8)],
+        }
+    }
+
+    fn stride(&self) -> usize {
+        self.width + 2 * self.pad + 8
+    }
+
+    /// Resizes (keeping the buffer when it is large enough); values are unspecified.
+    fn reshape(&mut self, width: usize, height: usize, pad: usize) {
+        self.width = width;
+        self.height = height;
+        self.pad = pad;
+        let n = height * self.stride();
+        self.data.resize(n, 0.0);
+    }
+
+    /// Becomes a copy of `src` with margins of `pad`, mirrored.
+    pub fn copy_from(&mut self, src: &Plane, pad: usize) {
+        self.reshape(src.width, src.height, pad);
+        let (w, stride) = (src.width, self.stride());
+        for y in 0..src.height {
+            self.data[y * stride + pad..y * stride + pad + w]
+                .copy_from_slice(&src.data[y * w..(y + 1) * w]);
+        }
+        self.mirror_margins(pad);
+    }
+
+    /// Fills the `r` values left and right of every row by mirroring the row.
+    fn mirror_margins(&mut self, r: usize) {
+        let (w, pad, stride) = (self.width, self.pad, self.stride());
+        if w == 0 {
+            return;
+        }
+        for row in self.data.chunks_exact_mut(stride) {
+            for i in 0..r {
+                row[pad - r + i] = row[pad + reflect(i as isize - r as isize, w)];
+                row[pad + w + i] = row[pad + reflect((w + i) as isize, w)];
+            }
+        }
+    }
+
+    /// Row `y` without its margins.
+    pub fn row(&self, y: usize) -> &[f32] {
+        let o = y * self.stride() + self.pad;
+        &self.data[o..o + self.width]
+    }
+
+    /// Row `y` with `r` values of margin on each side and the slack after it.
+    fn padded_row(&self, y: usize, r: usize) -> &[f32] {
+        assert!(r <= self.pad, "radius {r} exceeds the margins {}", self.pad);
+        let o = y * self.stride() + self.pad - r;
+        &self.data[o..o + self.width + 2 * r + 8]
+    }
+
+    /// The plane without margins.
+    pub fn to_plane(&self) -> Plane {
+        let mut data = Vec::with_capacity(self.width * self.height);
+        for y in 0..self.height {
+            data.extend_from_slice(self.row(y));
+        }
+        Plane {
+            width: self.width,
+            height: self.height,
+            data,
+        }
+    }
+}
+
+/// Whether the vector kernels can run (AVX2 and FMA).
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// Convolves one row `src` with `k` (mirrored border) into `dst` (same length);
-/// `padded` is scratch space, reused across calls to avoid allocations.
+/// Convolves row `y` of `src` with `k` (mirrored border, from the margins, which must
+/// have been filled for at least `k`'s radius) into `dst` (the row's width).
 ///
 /// Every output value is formed in the same order — the centre tap times the centre
 /// value, then `acc = w[r+j]·(in[x−j] ± in[x+j]) + acc` as one fused multiply-add for
 /// j = 1 … r — so the AVX2 path and the portable path (`f32::mul_add`) give
 /// bit-identical results.
-pub fn convolve_row(src: &[f32], k: &Kernel, padded: &mut Vec<f32>, dst: &mut [f32]) {
-    let w = src.len();
-    assert_eq!(dst.len(), w, "convolve_row: source and destination lengths differ");
-    if w == 0 {
-        return;
-    }
-    let r = k.radius();
-    padded.clear();
-    padded.extend((0..r).map(|i| src[reflect(i as isize - r as isize, w)]));
-    padded.extend_from_slice(src);
-    padded.extend((0..r).map(|i| src[reflect((w + i) as isize, w)]));
+pub fn convolve_row(src: &PaddedRows, y: usize, k: &Kernel, dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.width, "convolve_row: width mismatch");
+    let padded = src.padded_row(y, k.radius());
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // Slack so that the last, partial block of 8 outputs reads in bounds.
-        padded.extend_from_slice(&[0.0; 8]);
         // SAFETY: the CPU supports AVX2 and FMA (checked just above), and `padded`
         // holds `w + 2r + 8` values for the `w` outputs, as `row_avx2` requires.
         unsafe { row_avx2(padded, k, dst) };
@@ -208,7 +282,12 @@ fn row_portable(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
     }
 }
 
-/// [`convolve_row`]'s inner loop on AVX2: blocks of 64 outputs (8 vectors) kept in
+/// Vectors of 8 outputs per block of the AVX2 row convolution: as many accumulators as
+/// fit in the 16 registers next to the weight and the loaded values.
+#[cfg(target_arch = "x86_64")]
+const ROW_BLOCK: usize = 6;
+
+/// [`convolve_row`]'s inner loop on AVX2: blocks of `8·ROW_BLOCK` outputs kept in
 /// registers over all taps, then blocks of 8; the last partial block is computed into
 /// a small buffer and copied.
 ///
@@ -220,35 +299,48 @@ fn row_portable(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
 unsafe fn row_avx2(padded: &[f32], k: &Kernel, dst: &mut [f32]) {
     let w = dst.len();
     let r = k.radius();
-    assert!(padded.len() >= w + 2 * r + 8, "row_avx2: padded row too short");
+    assert!(
+        padded.len() >= w + 2 * r + 8,
+        "row_avx2: padded row too short"
+    );
     let odd = k.symmetry == Symmetry::Odd;
     let p = padded.as_ptr();
     let mut x = 0;
-    while x + 64 <= w {
-        // SAFETY: x + 64 <= w, so every load reads within padded[x .. x + 64 + 2r]
-        // (in bounds by the assertion above) and every store writes dst[x .. x + 64].
+    while x + 8 * ROW_BLOCK <= w {
+        // SAFETY: x + 8·ROW_BLOCK <= w, so every load reads within
+        // padded[x .. x + 8·ROW_BLOCK + 2r] (in bounds by the assertion above) and every
+        // store writes dst[x .. x + 8·ROW_BLOCK].
         unsafe {
+            let d = dst.as_mut_ptr().add(x);
             if odd {
-                row_block_avx2::<8, true>(p, x, r, &k.half, dst.as_mut_ptr().add(x));
+                row_block_avx2::<ROW_BLOCK, true>(p, x, r, &k.half, d);
             } else {
-                row_block_avx2::<8, false>(p, x, r, &k.half, dst.as_mut_ptr().add(x));
+                row_block_avx2::<ROW_BLOCK, false>(p, x, r, &k.half, d);
             }
         }
-        x += 64;
+        x += 8 * ROW_BLOCK;
     }
     while x < w {
         let mut tmp = [0.0f32; 8];
+        let n = (w - x).min(8);
         // SAFETY: x < w, so the loads read within padded[x .. x + 8 + 2r], in bounds
-        // thanks to the 8 values of slack; the stores write the 8 values of `tmp`.
+        // thanks to the 8 values of slack; the stores write 8 values, into `dst` when
+        // they all exist, else into `tmp`.
         unsafe {
-            if odd {
-                row_block_avx2::<1, true>(p, x, r, &k.half, tmp.as_mut_ptr());
+            let d = if n == 8 {
+                dst.as_mut_ptr().add(x)
             } else {
-                row_block_avx2::<1, false>(p, x, r, &k.half, tmp.as_mut_ptr());
+                tmp.as_mut_ptr()
+            };
+            if odd {
+                row_block_avx2::<1, true>(p, x, r, &k.half, d);
+            } else {
+                row_block_avx2::<1, false>(p, x, r, &k.half, d);
             }
         }
-        let n = (w - x).min(8);
-        dst[x..x + n].copy_from_slice(&tmp[..n]);
+        if n < 8 {
+            dst[x..x + n].copy_from_slice(&tmp[..n]);
+        }
         x += n;
     }
 }
@@ -337,9 +429,9 @@ pub fn convolve_cols(src: &Plane, k: &Kernel) -> Plane {
 /// results equal three calls of [`convolve_cols`] up to rounding (this pass uses fused
 /// multiply-adds).
 pub fn convolve_cols3(src: &Plane, k: [&Kernel; 3]) -> [Plane; 3] {
-    let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::filled(0, 0, 0.0));
-    convolve_cols3_strips(&ColumnStrips::new(src, k[0].radius()), k, &mut out);
-    out
+    let mut out: [PaddedRows; 3] = std::array::from_fn(|_| PaddedRows::new(0, 0, 0));
+    convolve_cols3_strips(&ColumnStrips::new(src, k[0].radius()), k, 0, &mut out);
+    out.map(|p| p.to_plane())
 }
 
 /// Width of a column strip: two AVX2 vectors, one 64-byte cache line.
@@ -394,13 +486,19 @@ impl ColumnStrips {
     }
 }
 
-/// The fused column pass of [`convolve_cols3`] on prepared strips, into existing planes
-/// (resized to the image's size), so a caller looping over scales allocates nothing.
+/// The fused column pass of [`convolve_cols3`] on prepared strips, into planes with row
+/// margins of `margin` (reshaped to the image's size, buffers reused), whose margins
+/// are then filled for a following row pass of radius up to `margin`.
 ///
 /// Every output value is formed in the same order — the centre tap times the centre
 /// value, then one fused multiply-add per tap pair `w[r+j]·(in[y−j] ± in[y+j])` for
 /// j = 1 … r — on the AVX2 path and on the portable path alike (bit-identical).
-pub fn convolve_cols3_strips(src: &ColumnStrips, k: [&Kernel; 3], out: &mut [Plane; 3]) {
+pub fn convolve_cols3_strips(
+    src: &ColumnStrips,
+    k: [&Kernel; 3],
+    margin: usize,
+    out: &mut [PaddedRows; 3],
+) {
     let (w, h) = (src.width, src.height);
     let r = k[0].radius();
     assert!(
@@ -410,161 +508,187 @@ pub fn convolve_cols3_strips(src: &ColumnStrips, k: [&Kernel; 3], out: &mut [Pla
             && k[2].symmetry == Symmetry::Even,
         "convolve_cols3 needs even, odd, even kernels of equal radius"
     );
-    assert!(r <= src.pad, "kernel radius {r} exceeds the strips' padding {}", src.pad);
+    assert!(
+        r <= src.pad,
+        "kernel radius {r} exceeds the strips' padding {}",
+        src.pad
+    );
     for o in out.iter_mut() {
-        o.width = w;
-        o.height = h;
-        o.data.resize(w * h, 0.0);
+        o.reshape(w, h, margin);
     }
     let tall = h + 2 * src.pad;
     let halves = [&k[0].half[..], &k[1].half[..], &k[2].half[..]];
-    if h == 0 {
+    if h == 0 || w == 0 {
         return;
     }
-    for (s, strip) in src.lines.chunks_exact(tall).enumerate() {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above); the strip
-            // holds h + 2·pad lines with r <= pad (asserted above), each half holds
-            // r + 1 values, and the outputs hold w · h values for columns s·16 .. w.
-            unsafe { cols3_strip_avx2(strip, src.pad, s * STRIP, halves, out) };
-            continue;
-        }
-        cols3_strip_portable(strip, src.pad, s * STRIP, halves, out);
+    let stride = out[0].stride();
+    let [o0, o1, o2] = out;
+    let dst = [&mut o0.data[..], &mut o1.data[..], &mut o2.data[..]];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above); the strips hold
+        // h + 2·pad lines each with r <= pad (asserted above), each half holds r + 1
+        // values, and each output holds h rows of `stride` values, with the w columns
+        // starting at `margin` in each row.
+        unsafe {
+            cols3_avx2(
+                &src.lines,
+                tall,
+                src.pad,
+                (w, h, stride, margin),
+                halves,
+                dst,
+            )
+        };
+    } else {
+        cols3_portable(
+            &src.lines,
+            tall,
+            src.pad,
+            (w, h, stride, margin),
+            halves,
+            dst,
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    cols3_portable(
+        &src.lines,
+        tall,
+        src.pad,
+        (w, h, stride, margin),
+        halves,
+        dst,
+    );
+    for o in out.iter_mut() {
+        o.mirror_margins(margin);
     }
 }
 
-/// One strip of the fused column pass (columns `x .. x + 16`, clipped to the width),
-/// one value at a time.
-fn cols3_strip_portable(
-    strip: &[Line],
+/// The fused column pass one value at a time. `geom` is (width, height, output row
+/// stride, output column offset).
+fn cols3_portable(
+    lines: &[Line],
+    tall: usize,
     pad: usize,
-    x: usize,
+    (w, h, stride, margin): (usize, usize, usize, usize),
     k: [&[f32]; 3],
-    out: &mut [Plane; 3],
-) {
-    let (w, h) = (out[0].width, out[0].height);
-    let n = (w - x).min(STRIP);
-    let mut tmp = [[0.0f32; STRIP]; 3];
-    for y in 0..h {
-        // Lines pad + y − j ..= pad + y + j hold rows y − j ..= y + j (mirrored).
-        cols3_point_portable(strip, pad + y, k, &mut tmp);
-        let o = y * w + x;
-        for (plane, t) in out.iter_mut().zip(&tmp) {
-            plane.data[o..o + n].copy_from_slice(&t[..n]);
-        }
-    }
-}
-
-/// [`cols3_strip_portable`] on AVX2.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `strip` holds `h + 2·pad` lines, each of `k`
-/// holds `r + 1 <= pad + 1` values, and `x < w` for the outputs' width `w`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn cols3_strip_avx2(
-    strip: &[Line],
-    pad: usize,
-    x: usize,
-    k: [&[f32]; 3],
-    out: &mut [Plane; 3],
-) {
-    let (w, h) = (out[0].width, out[0].height);
-    let n = (w - x).min(STRIP);
-    let mut tmp = [[0.0f32; STRIP]; 3];
-    for y in 0..h {
-        // SAFETY: AVX2 and FMA are enabled; centre = pad + y, and centre ± r indexes
-        // the strip's h + 2·pad lines because r <= pad and y < h.
-        unsafe { cols3_point_avx2(strip, pad + y, k, &mut tmp) };
-        let o = y * w + x;
-        for (plane, t) in out.iter_mut().zip(&tmp) {
-            plane.data[o..o + n].copy_from_slice(&t[..n]);
-        }
-    }
-}
-
-/// The three column-filtered values of one strip row (16 columns), one at a time.
-fn cols3_point_portable(
-    strip: &[Line],
-    centre: usize,
-    k: [&[f32]; 3],
-    out: &mut [[f32; STRIP]; 3],
+    dst: [&mut [f32]; 3],
 ) {
     let r = k[0].len() - 1;
-    for lane in 0..STRIP {
-        let v = strip[centre].0[lane];
-        let mut acc = [k[0][0] * v, k[1][0] * v, k[2][0] * v];
-        for j in 1..=r {
-            let (a, b) = (strip[centre - j].0[lane], strip[centre + j].0[lane]);
-            let sum = a + b;
-            acc[0] = k[0][j].mul_add(sum, acc[0]);
-            acc[1] = k[1][j].mul_add(a - b, acc[1]);
-            acc[2] = k[2][j].mul_add(sum, acc[2]);
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            o[lane] = a;
+    let [d0, d1, d2] = dst;
+    for (s, strip) in lines.chunks_exact(tall).enumerate() {
+        let x = s * STRIP;
+        let n = (w - x).min(STRIP);
+        for y in 0..h {
+            // Lines pad + y − j ..= pad + y + j hold rows y − j ..= y + j (mirrored).
+            let centre = pad + y;
+            for lane in 0..n {
+                let v = strip[centre].0[lane];
+                let mut acc = [k[0][0] * v, k[1][0] * v, k[2][0] * v];
+                for j in 1..=r {
+                    let (a, b) = (strip[centre - j].0[lane], strip[centre + j].0[lane]);
+                    let sum = a + b;
+                    acc[0] = k[0][j].mul_add(sum, acc[0]);
+                    acc[1] = k[1][j].mul_add(a - b, acc[1]);
+                    acc[2] = k[2][j].mul_add(sum, acc[2]);
+                }
+                let o = y * stride + margin + x + lane;
+                d0[o] = acc[0];
+                d1[o] = acc[1];
+                d2[o] = acc[2];
+            }
         }
     }
 }
 
-/// [`cols3_point_portable`] on AVX2: 2 vectors × 3 outputs in registers over all taps,
-/// aligned loads of consecutive lines.
+/// [`cols3_portable`] on AVX2: per strip and row, 2 vectors × 3 outputs in registers
+/// over all taps, aligned loads of consecutive lines, stores straight into the outputs
+/// (through a small buffer for the last, partial strip).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `centre ± r` must index lines of `strip`, where
-/// each of `k` holds `r + 1` values.
+/// The CPU must support AVX2 and FMA; `lines` holds whole strips of `tall = h + 2·pad`
+/// lines, `r + 1 <= pad + 1` values in each of `k`, and each of `dst` holds `h` rows of
+/// `stride >= margin + w` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn cols3_point_avx2(
-    strip: &[Line],
-    centre: usize,
+unsafe fn cols3_avx2(
+    lines: &[Line],
+    tall: usize,
+    pad: usize,
+    (w, h, stride, margin): (usize, usize, usize, usize),
     k: [&[f32]; 3],
-    out: &mut [[f32; STRIP]; 3],
+    dst: [&mut [f32]; 3],
 ) {
     use std::arch::x86_64::*;
     let r = k[0].len() - 1;
     assert!(
-        centre >= r && centre + r < strip.len() && k.iter().all(|h| h.len() == r + 1),
-        "cols3_point_avx2: out of bounds"
+        r <= pad
+            && tall == h + 2 * pad
+            && lines.len() == w.div_ceil(STRIP) * tall
+            && k.iter().all(|h| h.len() == r + 1)
+            && margin + w <= stride
+            && dst.iter().all(|d| d.len() >= h * stride),
+        "cols3_avx2: bad sizes"
     );
-    let base = strip.as_ptr().cast::<f32>();
-    // SAFETY: every line index used is within centre ± r (asserted above); lines are
-    // 64-byte aligned, so the loads at offsets 0 and 8 floats are 32-byte aligned.
-    unsafe {
-        let line = |i: usize| base.add(i * STRIP);
-        let c = line(centre);
-        let (p0, p1) = (_mm256_load_ps(c), _mm256_load_ps(c.add(8)));
-        let (c0, c1, c2) = (
-            _mm256_set1_ps(k[0][0]),
-            _mm256_set1_ps(k[1][0]),
-            _mm256_set1_ps(k[2][0]),
-        );
-        let (mut a00, mut a01) = (_mm256_mul_ps(c0, p0), _mm256_mul_ps(c0, p1));
-        let (mut a10, mut a11) = (_mm256_mul_ps(c1, p0), _mm256_mul_ps(c1, p1));
-        let (mut a20, mut a21) = (_mm256_mul_ps(c2, p0), _mm256_mul_ps(c2, p1));
-        for j in 1..=r {
-            let (up, down) = (line(centre - j), line(centre + j));
-            let (w0, w1, w2) = (
-                _mm256_set1_ps(*k[0].get_unchecked(j)),
-                _mm256_set1_ps(*k[1].get_unchecked(j)),
-                _mm256_set1_ps(*k[2].get_unchecked(j)),
-            );
-            let (u0, u1) = (_mm256_load_ps(up), _mm256_load_ps(up.add(8)));
-            let (d0, d1) = (_mm256_load_ps(down), _mm256_load_ps(down.add(8)));
-            let (s0, s1) = (_mm256_add_ps(u0, d0), _mm256_add_ps(u1, d1));
-            let (e0, e1) = (_mm256_sub_ps(u0, d0), _mm256_sub_ps(u1, d1));
-            a00 = _mm256_fmadd_ps(w0, s0, a00);
-            a01 = _mm256_fmadd_ps(w0, s1, a01);
-            a10 = _mm256_fmadd_ps(w1, e0, a10);
-            a11 = _mm256_fmadd_ps(w1, e1, a11);
-            a20 = _mm256_fmadd_ps(w2, s0, a20);
-            a21 = _mm256_fmadd_ps(w2, s1, a21);
-        }
-        for (o, (lo, hi)) in out.iter_mut().zip([(a00, a01), (a10, a11), (a20, a21)]) {
-            _mm256_storeu_ps(o.as_mut_ptr(), lo);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), hi);
+    let out = [
+        dst[0].as_mut_ptr(),
+        dst[1].as_mut_ptr(),
+        dst[2].as_mut_ptr(),
+    ];
+    let mut tmp = [[0.0f32; STRIP]; 3];
+    for (s, strip) in lines.chunks_exact(tall).enumerate() {
+        let x = s * STRIP;
+        let n = (w - x).min(STRIP);
+        let base = strip.as_ptr().cast::<f32>();
+        for y in 0..h {
+            let centre = pad + y;
+            // SAFETY: lines centre − r ..= centre + r lie within the strip (r <= pad,
+            // y < h); lines are 64-byte aligned, so loads at offsets 0 and 8 floats are
+            // 32-byte aligned. Stores go to row y, columns margin + x .. + 16 of each
+            // output when the strip is full (n == 16, within the stride), else to `tmp`.
+            unsafe {
+                let line = |i: usize| base.add(i * STRIP);
+                let c = line(centre);
+                let (p0, p1) = (_mm256_load_ps(c), _mm256_load_ps(c.add(8)));
+                let (c0, c1, c2) = (
+                    _mm256_set1_ps(k[0][0]),
+                    _mm256_set1_ps(k[1][0]),
+                    _mm256_set1_ps(k[2][0]),
+                );
+                let (mut a00, mut a01) = (_mm256_mul_ps(c0, p0), _mm256_mul_ps(c0, p1));
+                let (mut a10, mut a11) = (_mm256_mul_ps(c1, p0), _mm256_mul_ps(c1, p1));
+                let (mut a20, mut a21) = (_mm256_mul_ps(c2, p0), _mm256_mul_ps(c2, p1));
+                for j in 1..=r {
+                    let (up, down) = (line(centre - j), line(centre + j));
+                    let (w0, w1, w2) = (
+                        _mm256_set1_ps(*k[0].get_unchecked(j)),
+                        _mm256_set1_ps(*k[1].get_unchecked(j)),
+                        _mm256_set1_ps(*k[2].get_unchecked(j)),
+                    );
+                    let (u0, u1) = (_mm256_load_ps(up), _mm256_load_ps(up.add(8)));
+                    let (d0, d1) = (_mm256_load_ps(down), _mm256_load_ps(down.add(8)));
+                    let (s0, s1) = (_mm256_add_ps(u0, d0), _mm256_add_ps(u1, d1));
+                    let (e0, e1) = (_mm256_sub_ps(u0, d0), _mm256_sub_ps(u1, d1));
+                    a00 = _mm256_fmadd_ps(w0, s0, a00);
+                    a01 = _mm256_fmadd_ps(w0, s1, a01);
+                    a10 = _mm256_fmadd_ps(w1, e0, a10);
+                    a11 = _mm256_fmadd_ps(w1, e1, a11);
+                    a20 = _mm256_fmadd_ps(w2, s0, a20);
+                    a21 = _mm256_fmadd_ps(w2, s1, a21);
+                }
+                let o = y * stride + margin + x;
+                let accs = [(a00, a01), (a10, a11), (a20, a21)];
+                for ((d, t), (lo, hi)) in out.iter().zip(tmp.iter_mut()).zip(accs) {
+                    let p = if n == STRIP { d.add(o) } else { t.as_mut_ptr() };
+                    _mm256_storeu_ps(p, lo);
+                    _mm256_storeu_ps(p.add(8), hi);
+                }
+                if n < STRIP {
+                    for (d, t) in out.iter().zip(&tmp) {
+                        std::ptr::copy_nonoverlapping(t.as_ptr(), d.add(o), n);
+                    }
+                }
+            }
         }
     }
 }
