@@ -271,6 +271,42 @@ fn is_local_max(
 ) -> bool {
     let (w, h) = (cur.width, cur.height);
     let v = sign * cur.data[y * w + x];
+    if x >= 1 && y >= 1 && x + 1 < w && y + 1 < h {
+        // Interior: all 26 neighbours exist.
+        let c = y * w + x;
+        let idx = [
+            c - w - 1,
+            c - w,
+            c - w + 1,
+            c - 1,
+            c,
+            c + 1,
+            c + w - 1,
+            c + w,
+            c + w + 1,
+        ];
+        // Same-scale neighbours before (row above, left) must be strictly below.
+        for (k, &i) in idx.iter().enumerate() {
+            if k == 4 {
+                continue;
+            }
+            let n = sign * cur.data[i];
+            if n > v || (k < 4 && n >= v) {
+                return false;
+            }
+        }
+        if let Some(b) = below {
+            if idx.iter().any(|&i| sign * b.data[i] >= v) {
+                return false;
+            }
+        }
+        if let Some(a) = above {
+            if idx.iter().any(|&i| sign * a.data[i] > v) {
+                return false;
+            }
+        }
+        return true;
+    }
     for dy in -1isize..=1 {
         let yy = y as isize + dy;
         if yy < 0 || yy >= h as isize {

@@ -2,7 +2,7 @@
 //! estimate intensity per pixel) averaged over the levels of a Gaussian pyramid, so both
 //! fine and coarse edges count.
 
-use super::filters::{mean_gradient_magnitude, pyramid_down, Plane, SCHARR, SOBEL};
+use super::filters::{mean_gradient_magnitudes, pyramid_down, Plane, SCHARR, SOBEL};
 
 /// Mean Sobel and Scharr gradient magnitudes averaged over `levels` pyramid levels
 /// (level 0 is the image; a level stops the pyramid when a side falls below 8 pixels).
@@ -16,8 +16,9 @@ pub fn edge_information(p: &Plane, levels: u32) -> (f64, f64) {
             }
             level = pyramid_down(&level);
         }
-        sobel += mean_gradient_magnitude(&level, SOBEL);
-        scharr += mean_gradient_magnitude(&level, SCHARR);
+        let [a, b] = mean_gradient_magnitudes(&level, [SOBEL, SCHARR]);
+        sobel += a;
+        scharr += b;
         n += 1;
     }
     (sobel / f64::from(n), scharr / f64::from(n))

@@ -204,9 +204,21 @@ impl PaddedRows {
             return;
         }
         for row in self.data.chunks_exact_mut(stride) {
-            for i in 0..r {
-                row[pad - r + i] = row[pad + reflect(i as isize - r as isize, w)];
-                row[pad + w + i] = row[pad + reflect((w + i) as isize, w)];
+            if r <= w {
+                // d c b a | a b c d | d c b a, without index arithmetic per value.
+                let (left, rest) = row[pad - r..].split_at_mut(r);
+                for (l, &v) in left.iter_mut().zip(rest[..r].iter().rev()) {
+                    *l = v;
+                }
+                let (body, right) = rest.split_at_mut(w);
+                for (rt, &v) in right[..r].iter_mut().zip(body[w - r..].iter().rev()) {
+                    *rt = v;
+                }
+            } else {
+                for i in 0..r {
+                    row[pad - r + i] = row[pad + reflect(i as isize - r as isize, w)];
+                    row[pad + w + i] = row[pad + reflect((w + i) as isize, w)];
+                }
             }
         }
     }
@@ -744,31 +756,72 @@ pub const SCHARR: Gradient3 = Gradient3 { a: 3.0, b: 10.0 };
 
 /// Mean gradient magnitude `√(gx² + gy²)` over the plane (mirrored border).
 pub fn mean_gradient_magnitude(p: &Plane, op: Gradient3) -> f64 {
+    mean_gradient_magnitudes(p, [op, op])[0]
+}
+
+/// Mean gradient magnitudes of two operators in one pass over the plane (they share
+/// the pixel differences). Each row's magnitudes are summed in 8 interleaved `f32`
+/// partial sums (vectorisable), the rows in `f64`.
+pub fn mean_gradient_magnitudes(p: &Plane, ops: [Gradient3; 2]) -> [f64; 2] {
     let (w, h) = (p.width, p.height);
     if w == 0 || h == 0 {
-        return 0.0;
+        return [0.0; 2];
     }
-    let norm = 1.0 / (2.0 * (2.0 * op.a + op.b));
-    let mut total = 0.0f64;
+    let norms = ops.map(|op| 1.0 / (2.0 * (2.0 * op.a + op.b)));
+    let mut mags = [vec![0.0f32; w], vec![0.0f32; w]];
+    let mut total = [0.0f64; 2];
     for y in 0..h {
-        let ym = reflect(y as isize - 1, h);
-        let yp = reflect(y as isize + 1, h);
-        let mut row_sum = 0.0f32;
-        for x in 0..w {
-            let xm = reflect(x as isize - 1, w);
-            let xp = reflect(x as isize + 1, w);
-            let v = |xx: usize, yy: usize| p.data[yy * w + xx];
-            let gx = op.a * (v(xp, ym) - v(xm, ym))
-                + op.b * (v(xp, y) - v(xm, y))
-                + op.a * (v(xp, yp) - v(xm, yp));
-            let gy = op.a * (v(xm, yp) - v(xm, ym))
-                + op.b * (v(x, yp) - v(x, ym))
-                + op.a * (v(xp, yp) - v(xp, ym));
-            row_sum += (gx * gx + gy * gy).sqrt() * norm;
+        let row = |yy: usize| &p.data[yy * w..(yy + 1) * w];
+        let (up, mid, down) = (
+            row(reflect(y as isize - 1, h)),
+            row(y),
+            row(reflect(y as isize + 1, h)),
+        );
+        // Differences across x (d·) and across y (e·), for columns x − 1, x, x + 1.
+        let at = |x: usize, xm: usize, xp: usize| {
+            let dx = [up[xp] - up[xm], mid[xp] - mid[xm], down[xp] - down[xm]];
+            let dy = [down[xm] - up[xm], down[x] - up[x], down[xp] - up[xp]];
+            (dx, dy)
+        };
+        for (m, (op, norm)) in mags.iter_mut().zip(ops.iter().zip(norms)) {
+            let mag = |(dx, dy): ([f32; 3], [f32; 3])| {
+                let gx = op.a * dx[0] + op.b * dx[1] + op.a * dx[2];
+                let gy = op.a * dy[0] + op.b * dy[1] + op.a * dy[2];
+                (gx * gx + gy * gy).sqrt() * norm
+            };
+            m[0] = mag(at(0, 0, 1.min(w - 1)));
+            if w > 1 {
+                m[w - 1] = mag(at(w - 1, w - 2, w - 1));
+            }
+            if w > 2 {
+                let n = w - 2;
+                let (u0, u2) = (&up[..n], &up[2..]);
+                let (m0, m2) = (&mid[..n], &mid[2..]);
+                let (d0, d2) = (&down[..n], &down[2..]);
+                let (u1, d1) = (&up[1..n + 1], &down[1..n + 1]);
+                let out = &mut m[1..n + 1];
+                for i in 0..n {
+                    let gx =
+                        op.a * (u2[i] - u0[i]) + op.b * (m2[i] - m0[i]) + op.a * (d2[i] - d0[i]);
+                    let gy =
+                        op.a * (d0[i] - u0[i]) + op.b * (d1[i] - u1[i]) + op.a * (d2[i] - u2[i]);
+                    out[i] = (gx * gx + gy * gy).sqrt() * norm;
+                }
+            }
         }
-        total += f64::from(row_sum);
+        for (t, m) in total.iter_mut().zip(&mags) {
+            let mut lanes = [0.0f32; 8];
+            let chunks = m.chunks_exact(8);
+            let tail: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    *l += v;
+                }
+            }
+            *t += f64::from(lanes.iter().sum::<f32>() + tail);
+        }
     }
-    total / (w * h) as f64
+    total.map(|t| t / (w * h) as f64)
 }
 
 #[cfg(test)]
