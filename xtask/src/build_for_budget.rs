@@ -25,6 +25,10 @@ usage: cargo xtask build-for-budget BUDGET [options]
   --steps N           training steps [default: 400]
   --size N            training crop side [default: 128]
   --out DIR           output folder [default: target/ccnet/<dataset>]
+  --firmware          also build the Cortex-M4F example firmware (device/firmware) with the
+                      model and a crop of a dataset image embedded, check that it fits the
+                      flash, and run it in qemu-system-arm when installed
+  --flash BYTES       flash size the firmware must fit [default: 4MiB, QEMU mps2-an386]
 ";
 
 struct Options {
@@ -37,6 +41,8 @@ struct Options {
     steps: String,
     size: String,
     out: Option<PathBuf>,
+    firmware: bool,
+    flash: String,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -51,6 +57,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         steps: "400".into(),
         size: "128".into(),
         out: None,
+        firmware: false,
+        flash: "4MiB".into(),
     };
     while let Some(a) = it.next() {
         let mut val = |name: &str| {
@@ -68,6 +76,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--steps" => o.steps = val(a)?,
             "--size" => o.size = val(a)?,
             "--out" => o.out = Some(PathBuf::from(val(a)?)),
+            "--firmware" => o.firmware = true,
+            "--flash" => o.flash = val(a)?,
             s if s.starts_with('-') => return Err(format!("unknown option `{s}`\n\n{USAGE}")),
             s if o.budget.is_empty() => o.budget = s.to_string(),
             s => return Err(format!("unexpected argument `{s}`\n\n{USAGE}")),
@@ -79,6 +89,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
     ccnet_shared::budget::parse_bytes(&o.budget).map_err(|e| format!("`{}`: {e}", o.budget))?;
     if let Some(r) = &o.ram {
         ccnet_shared::budget::parse_bytes(r).map_err(|e| format!("--ram `{r}`: {e}"))?;
+    }
+    let flash = ccnet_shared::budget::parse_bytes(&o.flash)
+        .map_err(|e| format!("--flash `{}`: {e}", o.flash))?;
+    let disk = ccnet_shared::budget::parse_bytes(&o.budget).unwrap_or(0);
+    if o.firmware && disk > flash {
+        return Err(format!(
+            "--firmware: a model of up to {disk} bytes (budget {}) cannot fit a flash of {flash} bytes (--flash {}) next to the runtime; lower the budget or raise --flash",
+            o.budget, o.flash
+        ));
     }
     if !matches!(o.quant.as_str(), "int8" | "f16" | "f32") {
         return Err(format!("--quant `{}`: expected int8, f16 or f32", o.quant));
@@ -361,7 +380,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ],
     )?;
 
-    let report = report(&o, &name, &alpha, &selection, &pack, &out);
+    let firmware = if o.firmware {
+        step("building the Cortex-M4F firmware with the model embedded");
+        Some(crate::firmware::for_model(
+            &model,
+            &dataset,
+            &out.join("firmware"),
+            &o.flash,
+        )?)
+    } else {
+        None
+    };
+
+    let mut report = report(&o, &name, &alpha, &selection, &pack, &out);
+    report["firmware"] = firmware.unwrap_or(Value::Null);
     write_atomic(
         &out.join("report.json"),
         serde_json::to_string_pretty(&report)
@@ -446,7 +478,7 @@ fn markdown(r: &Value) -> String {
          | file | {fb} bytes (budget {bb} bytes) |\n\
          | arena | {ab} bytes for the largest held-out image, {tb} bytes per planned tile |\n\
          | host latency | {lat} ms per image (device engine, 1 thread) |\n\
-         | training | {steps} steps of {crop}×{crop} crops |\n",
+         | training | {steps} steps of {crop}×{crop} crops |\n{fw}",
         disk = r["budget"]["disk"].as_str().unwrap_or(""),
         arch = r["architecture"].as_str().unwrap_or(""),
         ds = r["dataset"].as_str().unwrap_or(""),
@@ -476,5 +508,21 @@ fn markdown(r: &Value) -> String {
         lat = num(&r["host_latency_ms"], 1),
         steps = r["training"]["steps"].as_str().unwrap_or(""),
         crop = r["training"]["crop"].as_str().unwrap_or(""),
+        fw = firmware_row(&r["firmware"]),
+    )
+}
+
+fn firmware_row(f: &Value) -> String {
+    if f.is_null() {
+        return String::new();
+    }
+    format!(
+        "| firmware (Cortex-M4F, opt-level \"z\") | {fb} bytes of flash (runtime {rb}, model {mb}, test image {ib}; limit {lb}); {qemu} |\n",
+        fb = f["flash_bytes"],
+        rb = f["runtime_bytes"],
+        mb = f["model_bytes"],
+        ib = f["image_bytes"],
+        lb = f["flash_limit"],
+        qemu = f["qemu"].as_str().unwrap_or(""),
     )
 }

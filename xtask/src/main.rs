@@ -2,6 +2,7 @@
 //! through `$CARGO` so the same toolchain runs everything.
 
 mod build_for_budget;
+mod firmware;
 mod qemu;
 
 use std::process::ExitCode;

@@ -5,11 +5,12 @@
 //! `qemu-system-arm -machine mps2-an386` with a timeout, and fails when the firmware
 //! does. Also reports the firmware's flash footprint.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use ccnet_device::{Input, InputData, Model};
+
+use crate::firmware;
 use ccnet_models::{build, Arch, ArchConfig};
 use ccnet_shared::alpha::Alpha;
 use ccnet_shared::format::{
@@ -52,78 +53,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .parent()
         .ok_or("no workspace root")?
         .to_path_buf();
-    let target = root.join("target");
-    let fixture = target.join("qemu-fixture");
-    std::fs::create_dir_all(&fixture).map_err(|e| format!("{}: {e}", fixture.display()))?;
+    let fixture = root.join("target").join("qemu-fixture");
     write_fixture(&fixture)?;
-
-    let fw_dir = root.join("device").join("firmware");
-    let fw_target = target.join("firmware");
-    println!("building the firmware in {}", fw_dir.display());
-    let status = Command::new(crate::cargo())
-        .args(["build", "--release"])
-        .current_dir(&fw_dir)
-        .env("CCNET_FIXTURE_DIR", &fixture)
-        .env("CARGO_TARGET_DIR", &fw_target)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err("the firmware did not build".into());
-    }
-    let elf = fw_target
-        .join("thumbv7em-none-eabihf")
-        .join("release")
-        .join("ccnet-firmware");
-    report_footprint(&elf)?;
-    run_qemu(&elf, Duration::from_secs(timeout))
-}
-
-/// Starts QEMU, waits at most `timeout`, and maps its exit status.
-fn run_qemu(elf: &Path, timeout: Duration) -> Result<(), String> {
-    println!("running qemu-system-arm -machine mps2-an386 (timeout {timeout:?})");
-    let mut child = Command::new("qemu-system-arm")
-        .args([
-            "-machine",
-            "mps2-an386",
-            "-cpu",
-            "cortex-m4",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-serial",
-            "none",
-            "-semihosting-config",
-            "enable=on,target=native",
-            "-kernel",
-        ])
-        .arg(elf)
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot start qemu-system-arm ({e}); install it (Debian: apt-get install qemu-system-arm)")
-        })?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                println!("qemu finished in {:.1} s", start.elapsed().as_secs_f64());
-                return if status.success() {
-                    Ok(())
-                } else {
-                    Err(format!("the firmware failed in QEMU ({status})"))
-                };
-            }
-            Ok(None) if start.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("QEMU did not finish within {timeout:?}"));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("waiting for qemu: {e}")),
-        }
-    }
+    let elf = firmware::build(&root, &fixture)?;
+    println!(
+        "firmware footprint (release, opt-level \"z\", LTO): {} (the models and image are in .rodata)",
+        firmware::describe(&firmware::footprint(&elf)?)
+    );
+    firmware::run_qemu(&elf, Duration::from_secs(timeout)).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -294,22 +231,6 @@ fn test_image(side: u32, seed: u64) -> Vec<u8> {
     img
 }
 
-fn host_mask(bytes: &[u8], image: &[u8]) -> Result<(Vec<u8>, usize), String> {
-    let model = Model::parse(bytes).map_err(|e| e.to_string())?;
-    let need = model.arena_bytes(SIDE, SIDE).map_err(|e| e.to_string())?;
-    let mut arena = vec![0u8; need];
-    let mut mask = vec![0u8; (SIDE * SIDE) as usize];
-    let input = Input {
-        data: InputData::Pixels(image),
-        height: SIDE,
-        width: SIDE,
-    };
-    model
-        .run(input, &mut arena, &mut mask)
-        .map_err(|e| e.to_string())?;
-    Ok((mask, need))
-}
-
 /// Quantizes the float weights to int8 (symmetric, per output channel), calibrating
 /// every activation's range on `image` with the float model.
 fn int8_model(
@@ -429,7 +350,7 @@ fn int8_model(
     write_container(nodes, &tensors, &acts, input)
 }
 
-/// Writes `unet_f16.ccn`, `unet_i8.ccn`, `image.bin` and `expected.rs` into `dir`.
+/// Writes the fixture (a U-Net α = 1/16 in f16 and int8, a test image) into `dir`.
 fn write_fixture(dir: &Path) -> Result<(), String> {
     let cfg = ArchConfig::new(Arch::Unet, Alpha::new(1, 16).map_err(|e| e.to_string())?);
     let nodes = build(&cfg).map_err(|e| e.to_string())?;
@@ -466,72 +387,27 @@ fn write_fixture(dir: &Path) -> Result<(), String> {
         .collect();
     let f32_model = write_container(&nodes, &f32_tensors, &[], input)?;
     let i8_model = int8_model(&nodes, &params, &f32_model, &image, input)?;
-    let (mask16, need16) = host_mask(&f16_model, &image)?;
-    let (mask8, need8) = host_mask(&i8_model, &image)?;
-    let (crc16, crc8) = (CRC32.checksum(&mask16), CRC32.checksum(&mask8));
-    let fg = |m: &[u8]| m.iter().filter(|&&c| c == 1).count();
-    println!(
-        "fixture: U-Net a=1/16 {SIDE}x{SIDE}; f16 model {} B, mask crc32 {crc16:#010x} ({} fg px); int8 model {} B, mask crc32 {crc8:#010x} ({} fg px)",
-        f16_model.len(),
-        fg(&mask16),
-        i8_model.len(),
-        fg(&mask8)
-    );
-    let write = |name: &str, bytes: &[u8]| -> Result<(), String> {
-        let p: PathBuf = dir.join(name);
-        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))
-    };
-    write("unet_f16.ccn", &f16_model)?;
-    write("unet_i8.ccn", &i8_model)?;
-    write("image.bin", &image)?;
-    let expected = format!(
-        "// Generated by `cargo xtask qemu`.\n\
-         pub const HEIGHT: u32 = {SIDE};\n\
-         pub const WIDTH: u32 = {SIDE};\n\
-         pub const ARENA: usize = {};\n\
-         pub const EXPECTED_F16: u32 = {crc16:#010x};\n\
-         pub const EXPECTED_I8: u32 = {crc8:#010x};\n",
-        need16.max(need8)
-    );
-    write("expected.rs", expected.as_bytes())
-}
-
-// ---------------------------------------------------------------------------------------
-// Footprint
-// ---------------------------------------------------------------------------------------
-
-/// Prints the sizes of the firmware's `.text`, `.rodata` (which holds the embedded
-/// models and image), `.data` and `.bss` from its ELF section headers.
-fn report_footprint(elf: &Path) -> Result<(), String> {
-    let b = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
-    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
-    let u32_at = |o: usize| {
-        b.get(o..o + 4)
-            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-    };
-    if b.get(0..5) != Some(&[0x7f, b'E', b'L', b'F', 1]) {
-        return Err("the firmware is not a 32-bit ELF file".into());
+    let results = firmware::write_fixture(
+        dir,
+        &[
+            firmware::FixtureModel {
+                name: "unet f16".into(),
+                bytes: f16_model,
+            },
+            firmware::FixtureModel {
+                name: "unet int8".into(),
+                bytes: i8_model,
+            },
+        ],
+        &image,
+        SIDE,
+        SIDE,
+    )?;
+    for r in &results {
+        println!(
+            "fixture: U-Net a=1/16 {SIDE}x{SIDE}, {}: mask crc32 {:#010x} ({} fg px), arena {} B",
+            r.name, r.crc, r.foreground, r.arena
+        );
     }
-    let bad = || "malformed ELF".to_string();
-    let shoff = u32_at(0x20).ok_or_else(bad)? as usize;
-    let shentsize = u16_at(0x2e).ok_or_else(bad)? as usize;
-    let shnum = u16_at(0x30).ok_or_else(bad)? as usize;
-    let shstrndx = u16_at(0x32).ok_or_else(bad)? as usize;
-    let strtab = u32_at(shoff + shstrndx * shentsize + 0x10).ok_or_else(bad)? as usize;
-    let mut sizes = Vec::new();
-    for i in 0..shnum {
-        let sh = shoff + i * shentsize;
-        let name_off = strtab + u32_at(sh).ok_or_else(bad)? as usize;
-        let end = b[name_off..].iter().position(|&c| c == 0).ok_or_else(bad)?;
-        let name = String::from_utf8_lossy(&b[name_off..name_off + end]).to_string();
-        let size = u32_at(sh + 0x14).ok_or_else(bad)?;
-        if [".vector_table", ".text", ".rodata", ".data", ".bss"].contains(&name.as_str()) {
-            sizes.push(format!("{name} {size} B"));
-        }
-    }
-    println!(
-        "firmware footprint (release, opt-level \"z\", LTO): {} (the models and image are in .rodata)",
-        sizes.join(", ")
-    );
     Ok(())
 }

@@ -140,7 +140,8 @@ fn builds_a_model_for_a_budget_end_to_end() {
     assert!(stdout.contains("achieved F1 / IU"), "{stdout}");
     assert!(out.join("report.md").exists() && out.join("eval").is_dir());
 
-    // Rerunning resumes: training is kept, not repeated.
+    // Rerunning resumes: training is kept, not repeated. This time the firmware is
+    // built around the model and (where QEMU is installed) run on the emulated MCU.
     let (ok, _, err) = run(
         &bin,
         &root,
@@ -155,12 +156,50 @@ fn builds_a_model_for_a_budget_end_to_end() {
             "32",
             "--out",
             &s(&out),
+            "--firmware",
         ],
     );
     assert!(
         ok && err.contains("training already finished (kept)"),
         "{err}"
     );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let fw = &report["firmware"];
+    assert_eq!(fw["model_bytes"].as_u64(), Some(model), "{fw}");
+    let flash = fw["flash_bytes"].as_u64().unwrap();
+    assert!(
+        flash > model && flash <= fw["flash_limit"].as_u64().unwrap(),
+        "{fw}"
+    );
+    assert!(fw["runtime_bytes"].as_u64().unwrap() > 1000, "{fw}");
+    let qemu = fw["qemu"].as_str().unwrap();
+    if qemu_installed() {
+        assert!(qemu.contains("mask equal to the host's"), "{fw}");
+    } else {
+        eprintln!("qemu-system-arm is not installed: the firmware was built, not run");
+    }
+    // A flash smaller than the budget is refused before anything runs.
+    let (ok, _, err) = run(
+        &bin,
+        &root,
+        &[
+            "build-for-budget",
+            "150KB",
+            "--dataset",
+            &s(&a),
+            "--out",
+            &s(&root.join("noflash")),
+            "--firmware",
+            "--flash",
+            "100KB",
+        ],
+    );
+    assert!(
+        !ok && err.contains("cannot fit a flash of 100000 bytes"),
+        "{err}"
+    );
+    assert!(!root.join("noflash").exists());
 
     // An impossible budget stops at selection, before any training.
     let none = root.join("none");
@@ -207,4 +246,10 @@ fn builds_a_model_for_a_budget_end_to_end() {
         "{report}"
     );
     std::fs::remove_dir_all(&root).unwrap();
+}
+
+fn qemu_installed() -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-arm").is_file()))
+        .unwrap_or(false)
 }

@@ -1,10 +1,12 @@
-//! Example firmware for QEMU's `mps2-an386` (Cortex-M4F): runs the embedded U-Net models
-//! (f16 weights and int8) on the embedded test image with `ccnet-device`, prints the mask
-//! checksum (CRC-32) and the arena high-water mark over semihosting, and exits non-zero
-//! when a checksum differs from the one the host computed for the same bytes.
+//! Example firmware for QEMU's `mps2-an386` (Cortex-M4F): runs the embedded models on the
+//! embedded test image with `ccnet-device`, prints each mask's checksum (CRC-32) and the
+//! arena high-water mark over semihosting, and exits non-zero when a checksum differs
+//! from the one the host computed for the same bytes.
 //!
-//! The models, image and expected checksums come from `$CCNET_FIXTURE_DIR`, written by
-//! `cargo xtask qemu`.
+//! The models, image and expected checksums come from `$CCNET_FIXTURE_DIR/fixture.rs`,
+//! written by `cargo xtask qemu` (a U-Net in f16 and int8 with deterministic weights) or
+//! by `cargo xtask build-for-budget --firmware` (the trained, packed model and a crop of
+//! a dataset image).
 #![no_std]
 #![no_main]
 #![deny(unsafe_code)]
@@ -14,13 +16,12 @@ use ccnet_shared::format::CRC32;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 
+/// `HEIGHT`, `WIDTH`, `ARENA` (bytes), `IMAGE` (planar pixels) and `MODELS` (name,
+/// container bytes, expected mask CRC-32).
 mod fixture {
-    include!(concat!(env!("CCNET_FIXTURE_DIR"), "/expected.rs"));
+    include!(concat!(env!("CCNET_FIXTURE_DIR"), "/fixture.rs"));
 }
-
-static MODEL_F16: &[u8] = include_bytes!(concat!(env!("CCNET_FIXTURE_DIR"), "/unet_f16.ccn"));
-static MODEL_I8: &[u8] = include_bytes!(concat!(env!("CCNET_FIXTURE_DIR"), "/unet_i8.ccn"));
-static IMAGE: &[u8] = include_bytes!(concat!(env!("CCNET_FIXTURE_DIR"), "/image.bin"));
+use fixture::IMAGE;
 
 /// Byte painted over the arena before a run, to measure how much of it the run touched.
 const PAINT: u8 = 0xA5;
@@ -31,10 +32,7 @@ fn main() -> ! {
     let mut arena = [PAINT; fixture::ARENA];
     let mut mask = [0u8; PIXELS];
     let mut ok = true;
-    for (name, bytes, expected) in [
-        ("unet f16", MODEL_F16, fixture::EXPECTED_F16),
-        ("unet int8", MODEL_I8, fixture::EXPECTED_I8),
-    ] {
+    for &(name, bytes, expected) in fixture::MODELS {
         ok &= check(name, bytes, expected, &mut arena, &mut mask);
     }
     hprintln!(
