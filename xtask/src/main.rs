@@ -2,6 +2,7 @@
 //! through `$CARGO` so the same toolchain runs everything.
 
 mod build_for_budget;
+mod cuda_check;
 mod firmware;
 mod qemu;
 
@@ -13,6 +14,8 @@ usage: cargo xtask <task> [args]
 tasks:
   build-for-budget BUDGET [options]   dataset in, packed model + report out (e.g. 1MB)
   qemu                                 build the Cortex-M4 example firmware and run it in QEMU
+  cuda-check [--cache DIR]             set up a CUDA toolchain (wheels + libcuda stub), build the
+                                       `cuda` feature, and check --device cuda (GPU run or clean error)
   help                                 this text
 ";
 
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let result = match task {
         "build-for-budget" => build_for_budget::run(rest),
         "qemu" => qemu::run(rest),
+        "cuda-check" => cuda_check::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(())
