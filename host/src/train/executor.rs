@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use ccnet_shared::graph::{Graph, Op, ParamRole};
 
+use super::conv;
 use super::rng::Rng;
 
 /// Batch-norm running-statistics momentum (PyTorch's default).
@@ -342,7 +343,11 @@ pub fn conv2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    let y = x.conv2d(w, padding, stride, dilation, 1)?;
+    let y = if conv::enabled() && conv::supports(x) {
+        conv::conv2d(x, w, padding, stride, dilation)?
+    } else {
+        x.conv2d(w, padding, stride, dilation, 1)?
+    };
     add_bias(y, b)
 }
 
@@ -360,7 +365,11 @@ pub fn conv_transpose2d(
         // a pixel shuffle; exact, and its backward pass is far cheaper in candle.
         return add_bias(pixel_shuffle_up(x, w, stride)?, b);
     }
-    let y = x.conv_transpose2d(w, padding, 0, stride, 1)?;
+    let y = if conv::enabled() && conv::supports(x) {
+        conv::conv_transpose2d(x, w, padding, stride, 1)?
+    } else {
+        x.conv_transpose2d(w, padding, 0, stride, 1)?
+    };
     add_bias(y, b)
 }
 

@@ -2,6 +2,7 @@
 //! CUDA behind the `cuda` feature).
 //!
 //! * [`executor`]: one interpreter of the graph for every architecture.
+//! * [`conv`]: fast CPU convolutions (im2col / col2im ops and candle's matmul).
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
 //! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
@@ -10,6 +11,7 @@
 //! * [`evaluate`]: `ccnet eval`'s per-image metrics, latency and overlays.
 
 pub mod checkpoint;
+pub mod conv;
 pub mod data;
 pub mod evaluate;
 pub mod executor;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs the candle bench (old candle convolutions and the fast ops) and the PyTorch peer
+# side by side, one (alpha, size) at a time and interleaved, so that machine load hits
+# every side alike; prints the step-time table and the ratios ccnet / PyTorch.
+#
+#   host/examples/train_step_compare.sh [alphas] [sizes] [iters]
+#   host/examples/train_step_compare.sh 1/16,1/8,1/4 128,256 3
+#
+# Needs python3 with torch (CPU); without it only old-vs-new candle is printed.
+# Uses CARGO_TARGET_DIR if set. Threads: 2 for both (RAYON_NUM_THREADS, torch.set_num_threads).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+alphas=${1:-1/16,1/8,1/4}
+sizes=${2:-128,256}
+iters=${3:-3}
+threads=${THREADS:-2}
+export RAYON_NUM_THREADS=$threads
+cargo build --release -q -p ccnet-host --example train_step_bench
+bin=${CARGO_TARGET_DIR:-target}/release/examples/train_step_bench
+have_torch=0
+python3 -c "import torch" 2>/dev/null && have_torch=1
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for a in ${alphas//,/ }; do
+  for s in ${sizes//,/ }; do
+    for what in train infer; do
+      "$bin" --alphas "$a" --sizes "$s" --iters "$iters" --what "$what" --modes candle,fast | grep '^bench' | tee -a "$out"
+      if [ $have_torch = 1 ]; then
+        python3 host/examples/train_step_peer.py --alphas "$a" --sizes "$s" --iters "$iters" \
+          --what "$what" --threads "$threads" | grep '^bench' | tee -a "$out"
+      fi
+    done
+  done
+done
+echo
+python3 - "$out" <<'EOF'
+import re, sys
+t = {}
+for line in open(sys.argv[1]):
+    m = dict(kv.split("=") for kv in line.split()[2:])
+    t[(line.split()[1], m["alpha"], m["size"], m["mode"])] = float(m["ms"])
+rows = sorted({k[:3] for k in t}, key=lambda k: (k[0] != "train", eval(k[1]), int(k[2])))
+print("| step | alpha | size | candle ms | fast ms | torch ms | candle/torch | fast/torch | candle/fast |")
+print("|---|---|---|---|---|---|---|---|---|")
+for w, a, s in rows:
+    c, f, p = (t.get((w, a, s, m)) for m in ("candle", "fast", "torch"))
+    r = lambda x, y: f"{x / y:.2f}" if x and y else "-"
+    ms = lambda x: f"{x:.0f}" if x else "-"
+    print(f"| {w} | {a} | {s} | {ms(c)} | {ms(f)} | {ms(p)} | {r(c, p)} | {r(f, p)} | {r(c, f)} |")
+EOF
