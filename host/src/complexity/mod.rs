@@ -288,8 +288,7 @@ pub fn measure_image(img: &Image8, s: &Settings) -> Result<(Measures, usize, usi
     let keypoints = det.keypoints.len() as f64 * per_cell;
     let energy = energy::signal_energy(&plane);
     let (edge_sobel, edge_scharr) = edges::edge_information(&plane, s.edge_levels);
-    drop(plane);
-    let clutter = clutter::clutter(img, s.clutter_levels, s.clutter_bin);
+    let clutter = clutter::clutter_with_luma(img, &plane, s.clutter_levels, s.clutter_bin);
     Ok((
         Measures {
             j,
