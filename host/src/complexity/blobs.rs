@@ -528,6 +528,70 @@ mod tests {
         p
     }
 
+    /// The 3×3×3 maximum rule written out plainly (the general path of `is_local_max`).
+    fn reference_max(
+        planes: [Option<&Plane>; 3],
+        x: usize,
+        y: usize,
+        sign: f32,
+    ) -> bool {
+        let cur = planes[1].unwrap();
+        let (w, h) = (cur.width as isize, cur.height as isize);
+        let v = sign * cur.at(x, y);
+        for (s, p) in planes.iter().enumerate() {
+            let Some(p) = p else { continue };
+            for dy in -1isize..=1 {
+                for dx in -1isize..=1 {
+                    let (xx, yy) = (x as isize + dx, y as isize + dy);
+                    if xx < 0 || yy < 0 || xx >= w || yy >= h || (s == 1 && dx == 0 && dy == 0) {
+                        continue;
+                    }
+                    let n = sign * p.at(xx as usize, yy as usize);
+                    let before = s == 0 || (s == 1 && (dy < 0 || (dy == 0 && dx < 0)));
+                    if n > v || (before && n >= v) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    #[test]
+    fn maxima_follow_the_plateau_rule_inside_and_on_the_border() {
+        // Coarsely quantised noise: many ties, so the plateau rule matters.
+        let mut s = 11u32;
+        let mut plane = |w: usize, h: usize| Plane {
+            width: w,
+            height: h,
+            data: (0..w * h)
+                .map(|_| {
+                    s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((s >> 28) as f32 - 7.5) / 4.0
+                })
+                .collect(),
+        };
+        let (w, h) = (13, 9);
+        let (a, b, c) = (plane(w, h), plane(w, h), plane(w, h));
+        for (below, above) in [(None, Some(&c)), (Some(&a), Some(&c)), (Some(&a), None)] {
+            let mut found = Vec::new();
+            local_maxima(below, &b, above, (true, true), 0.3, &mut found);
+            let mut want = Vec::new();
+            for y in 0..h {
+                for x in 0..w {
+                    let v = b.at(x, y);
+                    for (sign, bright) in [(1.0, true), (-1.0, false)] {
+                        if sign * v > 0.3 && reference_max([below, Some(&b), above], x, y, sign) {
+                            want.push((x, y, bright));
+                        }
+                    }
+                }
+            }
+            assert_eq!(found, want);
+            assert!(!want.is_empty());
+        }
+    }
+
     #[test]
     fn scales_are_log_spaced() {
         let s = BlobSettings::default().sigmas();

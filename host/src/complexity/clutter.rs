@@ -150,6 +150,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn bins_round_halves_away_from_zero() {
+        // Bins of 1: 0.5 → 1, −0.5 → −1, 1.5 → 2, 2.5 → 3, 0.49 → 0: five values in
+        // four bins {1, −1, 2, 3} plus {0}, each once, except none shared.
+        let h = binned_entropy(&[0.5, -0.5, 1.5, 2.5, 0.49], 1.0);
+        assert!((h - 5f64.log2()).abs() < 1e-12, "{h}");
+        // 0.5 and 0.9 share bin 1; −0.5 and −1.4 share bin −1.
+        let h = binned_entropy(&[0.5, 0.9, -0.5, -1.4], 1.0);
+        assert!((h - 1.0).abs() < 1e-12, "{h}");
+        // The default bin of 1/256 on f32 values agrees with f64::round.
+        let vals: Vec<f32> = (-600..600).map(|i| i as f32 / 512.0).collect();
+        let mut counts = std::collections::BTreeMap::new();
+        for &v in &vals {
+            *counts
+                .entry((f64::from(v) / (1.0 / 256.0)).round() as i64)
+                .or_insert(0u32) += 1;
+        }
+        let n = vals.len() as f64;
+        let want: f64 = counts
+            .values()
+            .map(|&c| {
+                let p = f64::from(c) / n;
+                -p * p.log2()
+            })
+            .sum();
+        assert!((binned_entropy(&vals, 1.0 / 256.0) - want).abs() < 1e-12);
+    }
+
+    #[test]
     fn entropy_of_known_histograms() {
         assert_eq!(binned_entropy(&[0.5; 10], 0.01), 0.0);
         let two = [0.0, 0.0, 1.0, 1.0];

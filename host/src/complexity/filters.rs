@@ -43,6 +43,11 @@ impl Plane {
         self.data[y * self.width + x]
     }
 
+    /// Row `y`.
+    pub fn row_slice(&self, y: usize) -> &[f32] {
+        &self.data[y * self.width..(y + 1) * self.width]
+    }
+
     /// Mean of all values (0 for an empty plane).
     pub fn mean(&self) -> f64 {
         if self.data.is_empty() {
@@ -941,5 +946,135 @@ mod tests {
         assert!(d.data.iter().all(|&v| (v - 0.25).abs() < 1e-6));
         let b = gaussian_blur(&p, 3.0);
         assert!(b.data.iter().all(|&v| (v - 0.25).abs() < 1e-5));
+    }
+
+    /// Deterministic pseudo-random values in [0, 1).
+    fn noise(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vector_and_portable_row_passes_agree_bit_for_bit() {
+        // Widths around the block sizes (8, 48) and below the radius.
+        for w in [1, 2, 5, 7, 8, 9, 47, 48, 49, 55, 100, 131] {
+            let p = Plane {
+                width: w,
+                height: 2,
+                data: noise(2 * w, w as u32),
+            };
+            for sigma in [1.3, 2.0, 5.66, 16.0] {
+                for order in 0..=2 {
+                    let k = gaussian_kernel(sigma, order, 4.0);
+                    let r = k.radius();
+                    let mut padded = PaddedRows::new(0, 0, 0);
+                    padded.copy_from(&p, r);
+                    for y in 0..2 {
+                        let mut fast = vec![0.0; w];
+                        convolve_row(&padded, y, &k, &mut fast);
+                        let mut slow = vec![0.0; w];
+                        row_portable(padded.padded_row(y, r), &k, &mut slow);
+                        assert_eq!(fast, slow, "w {w} sigma {sigma} order {order}");
+                        // And both are the convolution with the mirrored border.
+                        let full = k.full();
+                        for (x, &got) in fast.iter().enumerate() {
+                            let want: f32 = full
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &wt)| {
+                                    wt * p.at(reflect(x as isize - (i as isize - r as isize), w), y)
+                                })
+                                .sum();
+                            assert!((got - want).abs() < 1e-4, "{got} {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_strips_match_the_portable_pass_and_a_direct_sum() {
+        for (w, h) in [(1, 1), (7, 5), (16, 3), (17, 40), (33, 70), (40, 9)] {
+            let p = Plane {
+                width: w,
+                height: h,
+                data: noise(w * h, (w * 1000 + h) as u32),
+            };
+            for sigma in [2.0, 16.0] {
+                let ks = [0u8, 1, 2].map(|o| gaussian_kernel(sigma, o, 4.0));
+                let k = [&ks[0], &ks[1], &ks[2]];
+                let r = ks[0].radius();
+                // Strips padded beyond the radius, as when one set serves every scale.
+                let strips = ColumnStrips::new(&p, r + 3);
+                let mut fast: [PaddedRows; 3] = std::array::from_fn(|_| PaddedRows::new(0, 0, 0));
+                convolve_cols3_strips(&strips, k, 2, &mut fast);
+                let mut slow: [PaddedRows; 3] = std::array::from_fn(|_| PaddedRows::new(0, 0, 0));
+                for o in slow.iter_mut() {
+                    o.reshape(w, h, 2);
+                }
+                let stride = slow[0].stride();
+                let [s0, s1, s2] = &mut slow;
+                let halves = [&ks[0].half[..], &ks[1].half[..], &ks[2].half[..]];
+                cols3_portable(
+                    &strips.lines,
+                    h + 2 * strips.pad,
+                    strips.pad,
+                    (w, h, stride, 2),
+                    halves,
+                    [&mut s0.data[..], &mut s1.data[..], &mut s2.data[..]],
+                );
+                for (i, (f, sl)) in fast.iter().zip(&slow).enumerate() {
+                    let direct = convolve_cols(&p, &ks[i]);
+                    for y in 0..h {
+                        assert_eq!(f.row(y), sl.row(y), "{w}x{h} sigma {sigma} output {i}");
+                        for (a, b) in f.row(y).iter().zip(direct.row_slice(y)) {
+                            assert!((a - b).abs() < 1e-4, "{a} {b}");
+                        }
+                    }
+                }
+                // The margins mirror each row for the row pass that follows.
+                let row = fast[0].padded_row(h - 1, 2.min(w));
+                let m = 2.min(w);
+                for i in 0..m {
+                    assert_eq!(row[i], row[m + reflect(i as isize - m as isize, w)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn both_gradient_operators_in_one_pass_match_the_definition() {
+        for (w, h) in [(1, 1), (2, 3), (9, 4), (31, 17)] {
+            let p = Plane {
+                width: w,
+                height: h,
+                data: noise(w * h, 7 + w as u32),
+            };
+            let [sobel, scharr] = mean_gradient_magnitudes(&p, [SOBEL, SCHARR]);
+            for (got, op) in [(sobel, SOBEL), (scharr, SCHARR)] {
+                let v = |x: isize, y: isize| p.at(reflect(x, w), reflect(y, h));
+                let mut want = 0.0f64;
+                for y in 0..h as isize {
+                    for x in 0..w as isize {
+                        let gx = op.a * (v(x + 1, y - 1) - v(x - 1, y - 1))
+                            + op.b * (v(x + 1, y) - v(x - 1, y))
+                            + op.a * (v(x + 1, y + 1) - v(x - 1, y + 1));
+                        let gy = op.a * (v(x - 1, y + 1) - v(x - 1, y - 1))
+                            + op.b * (v(x, y + 1) - v(x, y - 1))
+                            + op.a * (v(x + 1, y + 1) - v(x + 1, y - 1));
+                        want += f64::from((gx * gx + gy * gy).sqrt() / (2.0 * (2.0 * op.a + op.b)));
+                    }
+                }
+                want /= (w * h) as f64;
+                assert!((got - want).abs() < 1e-6, "{w}x{h}: {got} {want}");
+                assert!((mean_gradient_magnitude(&p, op) - got).abs() < 1e-12);
+            }
+        }
     }
 }
