@@ -529,12 +529,7 @@ mod tests {
     }
 
     /// The 3×3×3 maximum rule written out plainly (the general path of `is_local_max`).
-    fn reference_max(
-        planes: [Option<&Plane>; 3],
-        x: usize,
-        y: usize,
-        sign: f32,
-    ) -> bool {
+    fn reference_max(planes: [Option<&Plane>; 3], x: usize, y: usize, sign: f32) -> bool {
         let cur = planes[1].unwrap();
         let (w, h) = (cur.width as isize, cur.height as isize);
         let v = sign * cur.at(x, y);
