@@ -4,6 +4,8 @@
 //! the runs it had finished and resumes the one it was in. Every file left by the kill
 //! is complete (written atomically).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,45 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::Device;
 use ccnet_host::train::checkpoint;
-use image::{GrayImage, Luma};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ccnet-crash-safety-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
-
-/// `n` generated 64×48 gray images with a bright disc and its 0/255 mask.
-fn dataset(dir: &Path, n: u32, seed: u32) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for i in 0..n {
-        let (cx, cy, r) = (
-            (12 + (i * 13 + seed * 7) % 40) as i32,
-            (12 + (i * 7 + seed * 5) % 24) as i32,
-            (6 + (i + seed) % 5) as i32,
-        );
-        let inside = |x: u32, y: u32| (x as i32 - cx).pow(2) + (y as i32 - cy).pow(2) < r * r;
-        GrayImage::from_fn(64, 48, |x, y| {
-            let noise = ((x * 31 + y * 17 + i * 101) % 23) as u8;
-            Luma([if inside(x, y) {
-                180 + noise
-            } else {
-                40 + noise
-            }])
-        })
-        .save(dir.join(format!("images/p{i}.png")))
-        .unwrap();
-        GrayImage::from_fn(64, 48, |x, y| Luma([if inside(x, y) { 255 } else { 0 }]))
-            .save(dir.join(format!("masks/p{i}.png")))
-            .unwrap();
-    }
-}
+use common::{disc_dataset as dataset, s};
 
 fn ccnet() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ccnet"));
@@ -198,7 +162,7 @@ fn train_cmd(data: &Path, out: &Path) -> Command {
 
 #[test]
 fn killed_training_resumes_losing_at_most_one_epoch() {
-    let root = scratch("train");
+    let root = common::scratch("crash-safety", "train");
     let data = root.join("data");
     dataset(&data, 6, 0);
 
@@ -259,7 +223,7 @@ fn mtime(p: &Path) -> SystemTime {
 
 #[test]
 fn killed_calibration_skips_finished_runs() {
-    let root = scratch("calibrate");
+    let root = common::scratch("crash-safety", "calibrate");
     let (d1, d2) = (root.join("alpha_set"), root.join("beta_set"));
     dataset(&d1, 5, 1);
     dataset(&d2, 5, 2);

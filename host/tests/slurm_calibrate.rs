@@ -12,6 +12,8 @@
 //! them the Slurm test says so and passes, unless `CCNET_REQUIRE_SLURM=1` (set by CI,
 //! which installs them) makes their absence a failure.
 
+mod common;
+
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -19,45 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use image::{GrayImage, Luma};
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ccnet-slurm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().unwrap().to_string()
-}
-
-/// `n` generated 64×48 gray images with a bright disc and its 0/255 mask.
-fn dataset(dir: &Path, n: u32, seed: u32) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for i in 0..n {
-        let (cx, cy, r) = (
-            (12 + (i * 13 + seed * 7) % 40) as i32,
-            (12 + (i * 7 + seed * 5) % 24) as i32,
-            (6 + (i + seed) % 5) as i32,
-        );
-        let inside = |x: u32, y: u32| (x as i32 - cx).pow(2) + (y as i32 - cy).pow(2) < r * r;
-        GrayImage::from_fn(64, 48, |x, y| {
-            let noise = ((x * 31 + y * 17 + i * 101) % (23 + 20 * seed)) as u8;
-            Luma([if inside(x, y) {
-                170 + noise
-            } else {
-                40 + noise
-            }])
-        })
-        .save(dir.join(format!("images/p{i}.png")))
-        .unwrap();
-        GrayImage::from_fn(64, 48, |x, y| Luma([if inside(x, y) { 255 } else { 0 }]))
-            .save(dir.join(format!("masks/p{i}.png")))
-            .unwrap();
-    }
-}
+use common::{disc_dataset as dataset, s};
 
 fn text(o: &Output) -> (String, String) {
     (
@@ -352,7 +316,7 @@ const STEPS: &str = "200";
 
 #[test]
 fn a_sweep_runs_as_a_job_array_and_a_cancelled_task_is_all_that_reruns() {
-    let root = scratch("sweep");
+    let root = common::scratch("slurm", "sweep");
     let slurm = match LocalSlurm::start(&root.join("cluster")) {
         Ok(sl) => sl,
         Err(why) if std::env::var("CCNET_REQUIRE_SLURM").as_deref() != Ok("1") => {
@@ -501,7 +465,7 @@ fn record_after(runs: &Path) -> serde_json::Value {
 
 #[test]
 fn submit_without_sbatch_on_path_is_a_clear_error() {
-    let root = scratch("no-sbatch");
+    let root = common::scratch("slurm", "no-sbatch");
     dataset(&root.join("cells"), 4, 0);
     dataset(&root.join("spots"), 4, 1);
     let empty = root.join("empty-path");
@@ -534,7 +498,7 @@ fn submit_without_sbatch_on_path_is_a_clear_error() {
 
 #[test]
 fn a_run_folder_owned_by_other_settings_is_refused() {
-    let root = scratch("owner");
+    let root = common::scratch("slurm", "owner");
     dataset(&root.join("cells"), 4, 0);
     dataset(&root.join("spots"), 4, 1);
     let mut a = sweep_args(&root, "20");
@@ -572,7 +536,7 @@ fn an_unreachable_controller_is_a_clear_error() {
         eprintln!("SKIPPED: `sbatch` is not on PATH");
         return;
     }
-    let root = scratch("unreachable");
+    let root = common::scratch("slurm", "unreachable");
     dataset(&root.join("cells"), 4, 0);
     dataset(&root.join("spots"), 4, 1);
     // A controller on a port nobody listens on.
