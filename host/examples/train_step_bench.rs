@@ -1,6 +1,7 @@
 //! Times a full U-Net training step (forward in training mode, cross-entropy + Dice loss,
 //! backward, Adam update) and an inference forward pass on the CPU, with candle's own
-//! convolutions (`candle`) and with the executor's fast im2col / col2im ops (`fast`).
+//! convolutions (`candle`), with the executor's fast ops (`fast`: banded im2col + matmul
+//! with its own backward) and with im2col + matmul under candle's autograd (`im2col`).
 //!
 //! ```text
 //! cargo run --release -p ccnet-host --example train_step_bench -- \
@@ -9,7 +10,7 @@
 //! ```
 //!
 //! Prints one line per measurement:
-//! `bench <train|infer> alpha=<a> size=<s> batch=<b> mode=<candle|fast> ms=<median>`;
+//! `bench <train|infer> alpha=<a> size=<s> batch=<b> mode=<candle|fast|im2col> ms=<median>`;
 //! with `--phases` a training step is also split into forward+loss, backward and Adam;
 //! `--no-bn` drops the recipe's batch norm (to see what it costs).
 //! The PyTorch peer (`train_step_peer.py`) prints the same lines with `mode=torch`, and
@@ -161,9 +162,10 @@ fn main() -> Result<()> {
             let (x, y) = batch(&mut rng, a.batch, s)?;
             for what in &a.what {
                 for mode in &a.modes {
-                    conv::set_enabled(match mode.as_str() {
-                        "fast" => true,
-                        "candle" => false,
+                    conv::set_mode(match mode.as_str() {
+                        "fast" => conv::Mode::Fast,
+                        "im2col" => conv::Mode::Im2col,
+                        "candle" => conv::Mode::Candle,
                         other => return Err(anyhow!("unknown mode {other}")),
                     });
                     let net = Network::new(&nodes, &Device::Cpu, &mut Rng::new(2, 1))?;

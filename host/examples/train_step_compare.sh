@@ -8,6 +8,13 @@
 #
 # Needs python3 with torch (CPU); without it only old-vs-new candle is printed.
 # Uses CARGO_TARGET_DIR if set. Threads: 2 for both (RAYON_NUM_THREADS, torch.set_num_threads).
+# CANDLE_NUM_THREADS defaults to 1: candle's element-wise ops then run on the calling
+# thread instead of its spin-waiting barrier pool (2.5x faster steps on the loaded 2-core
+# machine, see docs/training.md); matmuls and the im2col/col2im ops still use 2 threads.
+# Set CANDLE_NUM_THREADS=2 to measure candle's default. Likewise OMP_WAIT_POLICY defaults
+# to PASSIVE for PyTorch: its OpenMP workers otherwise spin at every barrier, which on the
+# loaded machine made a step 10-25x slower (3.3 s instead of 0.13-0.39 s at alpha 1/16, 128).
+# THREADS=1 compares both sides single-threaded (the least load-sensitive setting).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 alphas=${1:-1/16,1/8,1/4}
@@ -15,6 +22,9 @@ sizes=${2:-128,256}
 iters=${3:-3}
 threads=${THREADS:-2}
 export RAYON_NUM_THREADS=$threads
+export CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+echo "# threads $threads, CANDLE_NUM_THREADS=$CANDLE_NUM_THREADS, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, iters $iters"
 cargo build --release -q -p ccnet-host --example train_step_bench
 bin=${CARGO_TARGET_DIR:-target}/release/examples/train_step_bench
 have_torch=0

@@ -180,6 +180,23 @@ fn conv2d_matches_candle_on_random_shapes() {
         let b = randn(&mut rng, &[c.cout]);
         let (p, s) = (c.padding, c.stride);
         compare(
+            &format!("im2col {what}"),
+            &x,
+            &w,
+            &b,
+            &mut rng,
+            &|x, w, b| {
+                let y = conv::conv2d_im2col(x, w, p, s, 1).unwrap();
+                y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                    .unwrap()
+            },
+            &|x, w, b| {
+                let y = x.conv2d(w, p, s, 1, 1).unwrap();
+                y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                    .unwrap()
+            },
+        );
+        compare(
             &what,
             &x,
             &w,
@@ -426,6 +443,31 @@ fn conv_transpose2d_gradients_match_finite_differences() {
             (fd - f64::from(gw[i])).abs() < 2e-3,
             "dL/dw[{i}]: fd {fd} vs {}",
             gw[i]
+        );
+    }
+}
+
+/// Shapes large enough that the fused op splits each image into several bands of output
+/// rows (a band holds about 2^20 column-matrix elements).
+#[test]
+fn banded_conv2d_matches_candle_across_band_boundaries() {
+    let mut rng = Rng::new(23, 1);
+    for &(n, cin, cout, h, w, s, p) in &[(2, 16, 3, 150, 64, 1, 1), (1, 32, 2, 301, 65, 2, 1)] {
+        let x = randn(&mut rng, &[n, cin, h, w]);
+        let wt = randn(&mut rng, &[cout, cin, 3, 3]);
+        let b = randn(&mut rng, &[cout]);
+        let bias = |y: Tensor, b: &Tensor| {
+            y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                .unwrap()
+        };
+        compare(
+            &format!("banded n={n} cin={cin} {h}×{w} s={s}"),
+            &x,
+            &wt,
+            &b,
+            &mut rng,
+            &|x, w, b| bias(conv::conv2d_banded(x, w, p, s, 1).unwrap(), b),
+            &|x, w, b| bias(x.conv2d(w, p, s, 1, 1).unwrap(), b),
         );
     }
 }

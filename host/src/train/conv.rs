@@ -23,35 +23,61 @@
 //!
 //! The ops apply to `f32` tensors on the CPU; [`enabled`] tells whether the executor
 //! uses them (it falls back to candle's convolutions on other devices and dtypes, and
-//! when `CCNET_CONV=candle` is set or [`set_enabled`]`(false)` was called).
+//! when `CCNET_CONV=candle` is set or [`set_mode`]`(Mode::Candle)` was called).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// 0: not decided yet (read `CCNET_CONV`), 1: fast ops, 2: candle's convolutions.
+/// Which convolutions the executor uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// [`Conv2dOp`] (banded im2col + matmul with its own backward) for convolutions,
+    /// matmul + [`Col2Im`] for transposed convolutions: the default.
+    Fast,
+    /// [`Im2Col`] + candle's matmul differentiated by autograd (stores column matrices).
+    Im2col,
+    /// candle's own `conv2d` / `conv_transpose2d`.
+    Candle,
+}
+
+/// 0: not decided yet (read `CCNET_CONV`), else `Mode as u8 + 1`.
 static MODE: AtomicU8 = AtomicU8::new(0);
 
-/// Whether the executor's convolutions use these ops (default: yes; the environment
-/// variable `CCNET_CONV=candle` selects candle's own convolutions instead).
-pub fn enabled() -> bool {
+/// The convolution mode: set by [`set_mode`], else from the environment variable
+/// `CCNET_CONV` (`candle`, `im2col`; anything else or unset: fast).
+pub fn mode() -> Mode {
     match MODE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
+        1 => Mode::Fast,
+        2 => Mode::Im2col,
+        3 => Mode::Candle,
         _ => {
-            let fast = std::env::var("CCNET_CONV").map_or(true, |v| v != "candle");
-            MODE.store(if fast { 1 } else { 2 }, Ordering::Relaxed);
-            fast
+            let m = match std::env::var("CCNET_CONV").as_deref() {
+                Ok("candle") => Mode::Candle,
+                Ok("im2col") => Mode::Im2col,
+                _ => Mode::Fast,
+            };
+            set_mode(m);
+            m
         }
     }
 }
 
-/// Selects the fast ops (`true`) or candle's convolutions (`false`) for the whole
-/// process (benchmarks and tests compare both).
-pub fn set_enabled(fast: bool) {
-    MODE.store(if fast { 1 } else { 2 }, Ordering::Relaxed);
+/// Selects the convolutions for the whole process (benchmarks compare them).
+pub fn set_mode(m: Mode) {
+    let v = match m {
+        Mode::Fast => 1,
+        Mode::Im2col => 2,
+        Mode::Candle => 3,
+    };
+    MODE.store(v, Ordering::Relaxed);
+}
+
+/// Whether the executor's convolutions use this module's ops.
+pub fn enabled() -> bool {
+    mode() != Mode::Candle
 }
 
 /// Whether the fast ops can handle `x` (CPU, `f32`).
@@ -151,12 +177,12 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core:
 }
 
 /// Fills one row of the column matrix of image plane `src` (`h × w`) for kernel tap
-/// `(i, j)`.
-fn im2col_row(g: &Geom, src: &[f32], i: usize, j: usize, dst: &mut [f32]) {
+/// `(i, j)`: output rows `oh0 ..` (as many as `dst` holds).
+fn im2col_row(g: &Geom, src: &[f32], i: usize, j: usize, oh0: usize, dst: &mut [f32]) {
     let (lo, hi, off_w) = g.col_range(j);
     let off_h = g.row_offset(i);
-    for (oh, out) in dst.chunks_exact_mut(g.wo).enumerate() {
-        let ih = (oh * g.stride) as isize + off_h;
+    for (r, out) in dst.chunks_exact_mut(g.wo).enumerate() {
+        let ih = ((oh0 + r) * g.stride) as isize + off_h;
         if ih < 0 || ih >= g.h as isize || lo >= hi {
             out.fill(0.0);
             continue;
@@ -178,16 +204,17 @@ fn im2col_row(g: &Geom, src: &[f32], i: usize, j: usize, dst: &mut [f32]) {
     }
 }
 
-/// Adds one row of the column matrix (kernel tap `(i, j)`) back into image plane `dst`.
-fn col2im_row(g: &Geom, src: &[f32], i: usize, j: usize, dst: &mut [f32]) {
+/// Adds one row of the column matrix (kernel tap `(i, j)`, output rows `oh0 ..`) back
+/// into image plane `dst`.
+fn col2im_row(g: &Geom, src: &[f32], i: usize, j: usize, oh0: usize, dst: &mut [f32]) {
     let (lo, hi, off_w) = g.col_range(j);
     if lo >= hi {
         return;
     }
     let off_h = g.row_offset(i);
     let iw0 = (lo as isize * g.stride as isize + off_w) as usize;
-    for (oh, row) in src.chunks_exact(g.wo).enumerate() {
-        let ih = (oh * g.stride) as isize + off_h;
+    for (r, row) in src.chunks_exact(g.wo).enumerate() {
+        let ih = ((oh0 + r) * g.stride) as isize + off_h;
         if ih < 0 || ih >= g.h as isize {
             continue;
         }
@@ -238,7 +265,7 @@ impl CustomOp1 for Im2Col {
                 let (img, kr) = (r / rows, r % rows);
                 let (c, tap) = (kr / k2, kr % k2);
                 let src = &x[(img * g.c + c) * plane..(img * g.c + c + 1) * plane];
-                im2col_row(&g, src, tap / g.kw, tap % g.kw, dst);
+                im2col_row(&g, src, tap / g.kw, tap % g.kw, 0, dst);
             });
         Ok((CpuStorage::F32(out), Shape::from((n, rows, p))))
     }
@@ -277,7 +304,7 @@ impl CustomOp1 for Col2Im {
                 let base = nc * k2 * p;
                 for tap in 0..k2 {
                     let src = &cols[base + tap * p..base + (tap + 1) * p];
-                    col2im_row(&g, src, tap / g.kw, tap % g.kw, dst);
+                    col2im_row(&g, src, tap / g.kw, tap % g.kw, 0, dst);
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from((n, g.c, g.h, g.w))))
@@ -304,8 +331,26 @@ pub fn col2im(cols: &Tensor, g: Geom) -> Result<Tensor> {
 }
 
 /// 2-D convolution without bias: `x` `(N, Cin, H, W)`, `w` `(Cout, Cin, kh, kw)`.
-/// Matches `x.conv2d(w, padding, stride, dilation, 1)`.
+/// Matches `x.conv2d(w, padding, stride, dilation, 1)`. A 1×1 convolution with stride 1
+/// and no padding is one matrix product per image; every other one is [`Conv2dOp`].
 pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, _, kh, kw) = w.dims4()?;
+    if (kh == 1 && kw == 1 && stride == 1 && padding == 0) || mode() == Mode::Im2col {
+        conv2d_im2col(x, w, padding, stride, dilation)
+    } else {
+        conv2d_banded(x, w, padding, stride, dilation)
+    }
+}
+
+/// 2-D convolution as [`Im2Col`] + candle's batched matmul, differentiated by candle's
+/// autograd (stores the whole column matrix for the backward pass).
+pub fn conv2d_im2col(
     x: &Tensor,
     w: &Tensor,
     padding: usize,
@@ -357,4 +402,210 @@ pub fn conv_transpose2d(
     let wt = w.reshape((cin, g.rows()))?.t()?.broadcast_left(n)?;
     let cols = wt.matmul(&x.reshape((n, cin, h * wd))?)?;
     col2im(&cols, g)
+}
+
+/// Elements of one band of the column matrix (a few MiB: stays in the allocator's heap
+/// and mostly in cache, instead of a fresh image-sized buffer per layer).
+const BAND_ELEMS: usize = 1 << 20;
+
+/// Output rows per band for a column matrix of `rows` rows.
+fn band_rows(g: &Geom) -> usize {
+    (BAND_ELEMS / (g.rows() * g.wo).max(1)).clamp(1, g.ho)
+}
+
+/// The column matrix of output rows `oh0 .. oh0 + nr` of image `img` of `x`
+/// (`(N, C, H, W)` contiguous): `(C·kh·kw) × (nr·Wo)`, row-major.
+fn im2col_band(g: &Geom, x: &[f32], img: usize, oh0: usize, nr: usize) -> Vec<f32> {
+    let plane = g.h * g.w;
+    let t = nr * g.wo;
+    let k2 = g.kh * g.kw;
+    let mut out = vec![0f32; g.rows() * t];
+    out.par_chunks_mut(t)
+        .with_min_len((MIN_TASK / t.max(1)).max(1))
+        .enumerate()
+        .for_each(|(kr, dst)| {
+            let (c, tap) = (kr / k2, kr % k2);
+            let src = &x[(img * g.c + c) * plane..(img * g.c + c + 1) * plane];
+            im2col_row(g, src, tap / g.kw, tap % g.kw, oh0, dst);
+        });
+    out
+}
+
+/// Adds the column matrix `cols` of output rows `oh0 .. oh0 + nr` back into image `dx`
+/// (`(C, H, W)`).
+fn col2im_band(g: &Geom, cols: &[f32], oh0: usize, nr: usize, dx: &mut [f32]) {
+    let plane = g.h * g.w;
+    let t = nr * g.wo;
+    let k2 = g.kh * g.kw;
+    dx.par_chunks_mut(plane)
+        .with_min_len((MIN_TASK / (t * k2).max(1)).max(1))
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for tap in 0..k2 {
+                let r = c * k2 + tap;
+                col2im_row(
+                    g,
+                    &cols[r * t..(r + 1) * t],
+                    tap / g.kw,
+                    tap % g.kw,
+                    oh0,
+                    dst,
+                );
+            }
+        });
+}
+
+/// Runs `f` on the `f32` data of a contiguous CPU tensor.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (st, l) = t.storage_and_layout();
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("conv: tensor must be contiguous");
+    };
+    match &*st {
+        candle_core::Storage::Cpu(c) => Ok(f(&c.as_slice::<f32>()?[a..b])),
+        _ => candle_core::bail!("conv: CPU tensors only"),
+    }
+}
+
+/// `conv2d` without bias as one op with its own backward pass: the column matrix is
+/// built band by band (a few output rows of one image at a time) and never stored, so
+/// autograd keeps only `x` and `W`; forward `Y_band = W · cols_band`, backward
+/// `dW += dY_band · cols_bandᵀ` and `dX += col2im(Wᵀ · dY_band)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dOp {
+    pub g: Geom,
+    pub cout: usize,
+}
+
+impl Conv2dOp {
+    fn bands(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (ho, br) = (self.g.ho, band_rows(&self.g));
+        (0..ho).step_by(br).map(move |r0| (r0, br.min(ho - r0)))
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "ccnet-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, cout) = (self.g, self.cout);
+        let x = contiguous_f32(s1, l1, "conv2d")?;
+        let w = contiguous_f32(s2, l2, "conv2d")?;
+        let n = l1.dims()[0];
+        if l1.dims() != [n, g.c, g.h, g.w] || w.len() != cout * g.rows() {
+            candle_core::bail!(
+                "conv2d: shapes {:?} {:?} do not match {g:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let p = g.cols();
+        let wm = Tensor::from_slice(w, (cout, g.rows()), &Device::Cpu)?;
+        let mut y = vec![0f32; n * cout * p];
+        for img in 0..n {
+            let yi = &mut y[img * cout * p..(img + 1) * cout * p];
+            for (r0, nr) in self.bands() {
+                let t = nr * g.wo;
+                let cols =
+                    Tensor::from_vec(im2col_band(&g, x, img, r0, nr), (g.rows(), t), &Device::Cpu)?;
+                let yb = wm.matmul(&cols)?;
+                with_f32(&yb, |yb| {
+                    for (co, row) in yb.chunks_exact(t).enumerate() {
+                        yi[co * p + r0 * g.wo..co * p + r0 * g.wo + t].copy_from_slice(row);
+                    }
+                })?;
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((n, cout, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, cout) = (self.g, self.cout);
+        let n = x.dim(0)?;
+        let p = g.cols();
+        let x = x.contiguous()?;
+        let grad = grad.contiguous()?;
+        let wm = w.reshape((cout, g.rows()))?.contiguous()?;
+        let wmt = wm.t()?;
+        let want_dx = x.track_op();
+        let mut dx = vec![0f32; if want_dx { x.elem_count() } else { 0 }];
+        let mut dw: Option<Tensor> = None;
+        let plane_in = g.c * g.h * g.w;
+        for img in 0..n {
+            for (r0, nr) in self.bands() {
+                let t = nr * g.wo;
+                // dY of this band: (Cout, t), copied out of the image's (Cout, P) block.
+                let gy = with_f32(&grad, |gr| {
+                    let mut v = Vec::with_capacity(cout * t);
+                    for co in 0..cout {
+                        let o = (img * cout + co) * p + r0 * g.wo;
+                        v.extend_from_slice(&gr[o..o + t]);
+                    }
+                    v
+                })?;
+                let gy = Tensor::from_vec(gy, (cout, t), &Device::Cpu)?;
+                let cols = with_f32(&x, |xs| im2col_band(&g, xs, img, r0, nr))?;
+                let cols = Tensor::from_vec(cols, (g.rows(), t), &Device::Cpu)?;
+                let part = gy.matmul(&cols.t()?)?;
+                dw = Some(match dw {
+                    Some(acc) => (acc + part)?,
+                    None => part,
+                });
+                if want_dx {
+                    let dcols = wmt.matmul(&gy)?;
+                    with_f32(&dcols, |dc| {
+                        col2im_band(
+                            &g,
+                            dc,
+                            r0,
+                            nr,
+                            &mut dx[img * plane_in..(img + 1) * plane_in],
+                        )
+                    })?;
+                }
+            }
+        }
+        let dx = if want_dx {
+            Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
+        } else {
+            None
+        };
+        let dw = match dw {
+            Some(d) => Some(d.reshape(w.shape())?),
+            None => Some(w.zeros_like()?),
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// [`conv2d`] computed by [`Conv2dOp`] (banded, column matrices never stored).
+pub fn conv2d_banded(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels, the kernel expects {wcin}");
+    }
+    let g = Geom::new(cin, h, wd, kh, kw, stride, padding, dilation)?;
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { g, cout })?)
 }
