@@ -408,9 +408,21 @@ pub fn conv_transpose2d(
 /// and mostly in cache, instead of a fresh image-sized buffer per layer).
 const BAND_ELEMS: usize = 1 << 20;
 
+/// Elements of a band: [`BAND_ELEMS`], or `CCNET_CONV_BAND` (for tuning).
+fn band_elems() -> usize {
+    static BAND: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BAND.get_or_init(|| {
+        std::env::var("CCNET_CONV_BAND")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(BAND_ELEMS)
+    })
+}
+
 /// Output rows per band for a column matrix of `rows` rows.
 fn band_rows(g: &Geom) -> usize {
-    (BAND_ELEMS / (g.rows() * g.wo).max(1)).clamp(1, g.ho)
+    (band_elems() / (g.rows() * g.wo).max(1)).clamp(1, g.ho)
 }
 
 /// The column matrix of output rows `oh0 .. oh0 + nr` of image `img` of `x`
