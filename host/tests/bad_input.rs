@@ -490,7 +490,12 @@ fn bad_input_matrix() {
         ),
         ("model_corrupted", "flip.ccn", flipped, "flip.ccn"),
         ("model_foreign", "photo.ccn", valid_png.clone(), "photo.ccn"),
-        ("model_newer_version", "v2.ccn", newer, "format version 2 is not supported"),
+        (
+            "model_newer_version",
+            "v2.ccn",
+            newer,
+            "format version 2 is not supported",
+        ),
     ];
     for (i, (name, file, bytes, problem)) in models.into_iter().enumerate() {
         let p = root.join(file);
