@@ -229,7 +229,7 @@ fn calibrate_select_and_pack_on_generated_data() {
         &s(&seg),
     ]);
     assert!(
-        !ok && err.contains("bogus.ccn") && err.contains("BadMagic"),
+        !ok && err.contains("bogus.ccn") && err.contains("bad magic number"),
         "{err}"
     );
     // A budget that cannot be met is refused with the numbers, and writes nothing.
