@@ -195,7 +195,10 @@ pub fn device(name: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device> {
-    Device::new_cuda(0).context("cannot open CUDA device 0")
+    Device::new_cuda(0).context(
+        "cannot open CUDA device 0 (needs an NVIDIA GPU and its driver: check `nvidia-smi`; \
+         --device cpu always works)",
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
