@@ -348,6 +348,26 @@ pub fn conv2d(
     }
 }
 
+/// The geometry of `conv2d(x, w)` and its output channels; a channel mismatch between
+/// the input and the kernel is an error.
+fn conv_geom(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<(Geom, usize)> {
+    let (_, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    if wcin != cin {
+        bail!("conv2d: input has {cin} channels, the kernel expects {wcin}");
+    }
+    Ok((
+        Geom::new(cin, h, wd, kh, kw, stride, padding, dilation)?,
+        cout,
+    ))
+}
+
 /// 2-D convolution as [`Im2Col`] + candle's batched matmul, differentiated by candle's
 /// autograd (stores the whole column matrix for the backward pass).
 pub fn conv2d_im2col(
@@ -357,12 +377,9 @@ pub fn conv2d_im2col(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
+    let (g, cout) = conv_geom(x, w, padding, stride, dilation)?;
     let (n, cin, h, wd) = x.dims4()?;
-    let (cout, wcin, kh, kw) = w.dims4()?;
-    if wcin != cin {
-        bail!("conv2d: input has {cin} channels, the kernel expects {wcin}");
-    }
-    let g = Geom::new(cin, h, wd, kh, kw, stride, padding, dilation)?;
+    let (kh, kw) = (g.kh, g.kw);
     let cols = if kh == 1 && kw == 1 && stride == 1 && padding == 0 {
         x.reshape((n, cin, h * wd))?
     } else {
@@ -612,12 +629,7 @@ pub fn conv2d_banded(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    let (_, cin, h, wd) = x.dims4()?;
-    let (cout, wcin, kh, kw) = w.dims4()?;
-    if wcin != cin {
-        bail!("conv2d: input has {cin} channels, the kernel expects {wcin}");
-    }
-    let g = Geom::new(cin, h, wd, kh, kw, stride, padding, dilation)?;
+    let (g, cout) = conv_geom(x, w, padding, stride, dilation)?;
     Ok(x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2dOp { g, cout })?)
 }
