@@ -1,5 +1,13 @@
 //! The `ccnet` binary.
 
 fn main() -> std::process::ExitCode {
+    // candle's pool for element-wise operations spin-waits on a barrier; with other work
+    // on the cores it wastes them (training steps 2.5× slower on a loaded 2-core machine,
+    // a few percent on an idle one; matrix products and our convolutions use rayon and
+    // are unaffected). One thread there is the default unless the user sets it; this runs
+    // before any other thread exists.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     ccnet_host::cli::main()
 }
