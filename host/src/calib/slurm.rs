@@ -81,11 +81,13 @@ impl Record {
         })
     }
 
-    /// Every job id recorded (arrays and collect jobs).
+    /// Every job id recorded (arrays and collect jobs; a collect job whose submission
+    /// failed is recorded empty and left out).
     pub fn job_ids(&self) -> Vec<String> {
         self.submissions
             .iter()
             .flat_map(|s| [s.array_job.clone(), s.collect_job.clone()])
+            .filter(|id| !id.is_empty())
             .collect()
     }
 }
