@@ -337,8 +337,12 @@ fn crop_of_first_image(
     let img = image::open(first).map_err(|e| format!("{}: {e}", first.display()))?;
     let (w, h) = (img.width(), img.height());
     let (x0, y0) = (w.saturating_sub(side) / 2, h.saturating_sub(side) / 2);
-    let gray = img.to_luma8();
-    let rgb = img.to_rgb8();
+    // Interleaved 8-bit pixels with `channels` values each (gray: luma; else RGB).
+    let (pixels, stride) = if channels == 1 {
+        (img.to_luma8().into_raw(), 1)
+    } else {
+        (img.to_rgb8().into_raw(), 3)
+    };
     let mut out = Vec::with_capacity(channels as usize * (side * side) as usize);
     for c in 0..channels as usize {
         for y in 0..side {
@@ -346,10 +350,8 @@ fn crop_of_first_image(
                 let (sx, sy) = (x0 + x, y0 + y);
                 out.push(if sx >= w || sy >= h {
                     0
-                } else if channels == 1 {
-                    gray.get_pixel(sx, sy).0[0]
                 } else {
-                    rgb.get_pixel(sx, sy).0[c.min(2)]
+                    pixels[(sy * w + sx) as usize * stride + c.min(stride - 1)]
                 });
             }
         }
