@@ -110,22 +110,20 @@ fn builds_a_model_for_a_budget_end_to_end() {
     assert!(status.success());
 
     let out = root.join("out");
-    let (ok, stdout, err) = run(
-        &bin,
-        &root,
-        &[
-            "build-for-budget",
-            "150KB",
-            "--dataset",
-            &s(&a),
-            "--steps",
-            "40",
-            "--size",
-            "32",
-            "--out",
-            &s(&out),
-        ],
-    );
+    let (data, out_s) = (s(&a), s(&out));
+    let build = [
+        "build-for-budget",
+        "150KB",
+        "--dataset",
+        &data,
+        "--steps",
+        "40",
+        "--size",
+        "32",
+        "--out",
+        &out_s,
+    ];
+    let (ok, stdout, err) = run(&bin, &root, &build);
     assert!(ok, "{err}");
     let model = std::fs::metadata(out.join("model.ccn")).unwrap().len();
     assert!(model <= 150_000, "{model}");
@@ -142,23 +140,7 @@ fn builds_a_model_for_a_budget_end_to_end() {
 
     // Rerunning resumes: training is kept, not repeated. This time the firmware is
     // built around the model and (where QEMU is installed) run on the emulated MCU.
-    let (ok, _, err) = run(
-        &bin,
-        &root,
-        &[
-            "build-for-budget",
-            "150KB",
-            "--dataset",
-            &s(&a),
-            "--steps",
-            "40",
-            "--size",
-            "32",
-            "--out",
-            &s(&out),
-            "--firmware",
-        ],
-    );
+    let (ok, _, err) = run(&bin, &root, &[&build[..], &["--firmware"]].concat());
     assert!(
         ok && err.contains("training already finished (kept)"),
         "{err}"
