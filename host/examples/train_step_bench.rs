@@ -1,16 +1,19 @@
 //! Times a full U-Net training step (forward in training mode, cross-entropy + Dice loss,
 //! backward, Adam update) and an inference forward pass on the CPU, with candle's own
-//! convolutions (`candle`), with the executor's fast ops (`fast`: banded im2col + matmul
-//! with its own backward) and with im2col + matmul under candle's autograd (`im2col`).
+//! convolutions and batch norm (`candle`), with the executor's fast ops (`fast`: banded
+//! im2col + matmul with its own backward, fused batch norm + ReLU), with the fast
+//! convolutions but candle's batch norm (`fast-oldbn`, the state before the fused batch
+//! norm) and with im2col + matmul under candle's autograd and candle's batch norm
+//! (`im2col`).
 //!
 //! ```text
 //! cargo run --release -p ccnet-host --example train_step_bench -- \
 //!     [--alphas 1/16,1/8,1/4] [--sizes 128,256] [--batch 4] [--iters 3] [--warmup 1] \
-//!     [--modes candle,fast] [--what train,infer] [--phases] [--no-bn]
+//!     [--modes candle,fast-oldbn,fast] [--what train,infer] [--phases] [--no-bn]
 //! ```
 //!
 //! Prints one line per measurement:
-//! `bench <train|infer> alpha=<a> size=<s> batch=<b> mode=<candle|fast|im2col> ms=<median>`;
+//! `bench <train|infer> alpha=<a> size=<s> batch=<b> mode=<candle|fast|fast-oldbn|im2col> ms=<median>`;
 //! with `--phases` a training step is also split into forward+loss, backward and Adam;
 //! `--no-bn` drops the recipe's batch norm (to see what it costs).
 //! The PyTorch peer (`train_step_peer.py`) prints the same lines with `mode=torch`, and
@@ -20,11 +23,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use candle_core::{Device, Tensor};
-use ccnet_host::train::conv;
 use ccnet_host::train::executor::Network;
 use ccnet_host::train::loss::{loss, LossKind};
 use ccnet_host::train::optim::Adam;
 use ccnet_host::train::rng::Rng;
+use ccnet_host::train::{batch_norm, conv};
 use ccnet_models::{build, Arch, ArchConfig};
 use ccnet_shared::alpha::Alpha;
 
@@ -162,12 +165,15 @@ fn main() -> Result<()> {
             let (x, y) = batch(&mut rng, a.batch, s)?;
             for what in &a.what {
                 for mode in &a.modes {
-                    conv::set_mode(match mode.as_str() {
-                        "fast" => conv::Mode::Fast,
-                        "im2col" => conv::Mode::Im2col,
-                        "candle" => conv::Mode::Candle,
+                    let (cm, bm) = match mode.as_str() {
+                        "fast" => (conv::Mode::Fast, batch_norm::Mode::Fused),
+                        "fast-oldbn" => (conv::Mode::Fast, batch_norm::Mode::Candle),
+                        "im2col" => (conv::Mode::Im2col, batch_norm::Mode::Candle),
+                        "candle" => (conv::Mode::Candle, batch_norm::Mode::Candle),
                         other => return Err(anyhow!("unknown mode {other}")),
-                    });
+                    };
+                    conv::set_mode(cm);
+                    batch_norm::set_mode(Some(bm));
                     let net = Network::new(&nodes, &Device::Cpu, &mut Rng::new(2, 1))?;
                     let mut adam =
                         Adam::new(net.trainable_names().iter().map(|n| (n, &net.params()[n])))?;

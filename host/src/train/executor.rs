@@ -17,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use ccnet_shared::graph::{Graph, Op, ParamRole};
 
+use super::batch_norm;
 use super::conv;
 use super::rng::Rng;
 
@@ -63,7 +64,8 @@ impl Network {
     /// weights (from `rng`, so a seed fixes them), zero biases, batch norm `gamma = 1`,
     /// `beta = 0`, running mean 0 and variance 1.
     pub fn new(nodes: &[Op], device: &Device, rng: &mut Rng) -> Result<Network> {
-        let graph = Graph::new(nodes).map_err(|e| anyhow!("invalid graph: {e}"))?;
+        let graph = Graph::new_with_scratch(nodes, &mut vec![0; nodes.len()])
+            .map_err(|e| anyhow!("invalid graph: {e}"))?;
         let mut params = BTreeMap::new();
         let mut trainable = Vec::new();
         for (id, op) in nodes.iter().enumerate() {
@@ -156,6 +158,16 @@ impl Network {
                 last_use[i as usize] = id;
             }
         }
+        // A `BatchNorm → Relu` pair whose ReLU is the batch norm's only reader is computed
+        // as one fused op (in fused batch-norm mode); the ReLU node then passes it on.
+        let mut readers = vec![0usize; self.logits + 1];
+        for op in self.nodes.iter().take(self.logits + 1) {
+            for &i in op.inputs().as_slice() {
+                readers[i as usize] += 1;
+            }
+        }
+        let fuse_relu = batch_norm::use_fused(x);
+        let mut relu_done = vec![false; self.logits + 1];
         let mut vals: Vec<Option<Tensor>> = vec![None; self.logits + 1];
         for id in 0..=self.logits {
             let op = self.nodes[id];
@@ -213,7 +225,24 @@ impl Network {
                     input,
                     channels,
                     eps,
-                } => self.batch_norm(&graph, id, get(input)?, channels as usize, eps, train)?,
+                } => {
+                    let relu_next = fuse_relu
+                        && readers[id] == 1
+                        && matches!(self.nodes.get(id + 1), Some(&Op::Relu { input }) if input as usize == id);
+                    if relu_next {
+                        relu_done[id + 1] = true;
+                    }
+                    self.batch_norm(
+                        &graph,
+                        id,
+                        get(input)?,
+                        channels as usize,
+                        eps,
+                        train,
+                        relu_next,
+                    )?
+                }
+                Op::Relu { input } if relu_done[id] => get(input)?.clone(),
                 Op::Relu { input } => get(input)?.relu()?,
                 Op::MaxPool {
                     input,
@@ -245,6 +274,13 @@ impl Network {
             .ok_or_else(|| anyhow!("the graph produced no output"))
     }
 
+    /// Batch norm of node `id` (followed by ReLU when `relu`: the executor fuses a
+    /// `BatchNorm → Relu` pair whose ReLU is the batch norm's only reader). Fused mode
+    /// ([`batch_norm::mode`]): one [`batch_norm::BatchNormOp`]; otherwise candle tensor
+    /// ops. Training mode updates the running statistics the same way in both:
+    /// `r ← (1 − m)·r + m·s`, `m` = [`BN_MOMENTUM`], `s` the batch mean and the unbiased
+    /// batch variance (biased · M / (M − 1), `M = N·H·W`; as PyTorch).
+    #[allow(clippy::too_many_arguments)]
     fn batch_norm(
         &self,
         graph: &Graph<'_>,
@@ -253,49 +289,50 @@ impl Network {
         channels: usize,
         eps: f32,
         train: bool,
+        relu: bool,
     ) -> Result<Tensor> {
         let name = |role| tensor_name(graph, id, role);
-        let gamma = self
-            .p(name(ParamRole::Gamma)?)?
-            .reshape((1, channels, 1, 1))?;
-        let beta = self
-            .p(name(ParamRole::Beta)?)?
-            .reshape((1, channels, 1, 1))?;
+        let gamma = self.p(name(ParamRole::Gamma)?)?;
+        let beta = self.p(name(ParamRole::Beta)?)?;
         let rm_name = name(ParamRole::RunningMean)?;
         let rv_name = name(ParamRole::RunningVar)?;
-        let eps = f64::from(eps);
-        let (mean, var) = if train {
-            let (n, _, h, w) = x.dims4()?;
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-            // Running statistics: exponential average, unbiased variance (as PyTorch).
-            let count = (n * h * w) as f64;
-            let unbias = if count > 1.0 {
-                count / (count - 1.0)
-            } else {
-                1.0
-            };
-            let rm = &self.params[&rm_name];
-            let rv = &self.params[&rv_name];
-            let m = BN_MOMENTUM;
-            let new_rm = (rm.as_tensor().detach().affine(1.0 - m, 0.0)?
-                + mean.detach().flatten_all()?.affine(m, 0.0)?)?;
-            let new_rv = (rv.as_tensor().detach().affine(1.0 - m, 0.0)?
-                + var.detach().flatten_all()?.affine(m * unbias, 0.0)?)?;
-            rm.set(&new_rm)?;
-            rv.set(&new_rv)?;
-            (mean, var)
+        let fused = batch_norm::use_fused(x);
+        if !train {
+            let (rm, rv) = (self.p(rm_name)?, self.p(rv_name)?);
+            if fused {
+                return batch_norm::fused_eval(x, gamma, beta, rm, rv, eps, relu);
+            }
+            let y = batch_norm::composed_eval(x, gamma, beta, rm, rv, eps)?;
+            return Ok(if relu { y.relu()? } else { y });
+        }
+        let (y, mean, var) = if fused {
+            let (y, s) = batch_norm::fused_train(x, gamma, beta, eps, relu)?;
+            let mean = Tensor::from_vec(s.mean, channels, x.device())?;
+            let var = Tensor::from_vec(s.var, channels, x.device())?;
+            (y, mean, var)
         } else {
-            (
-                self.p(rm_name)?.reshape((1, channels, 1, 1))?,
-                self.p(rv_name)?.reshape((1, channels, 1, 1))?,
-            )
+            let (y, mean, var) = batch_norm::composed_train(x, gamma, beta, eps)?;
+            let y = if relu { y.relu()? } else { y };
+            (y, mean, var)
         };
-        let inv = var.affine(1.0, eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_sub(&mean)?
-            .broadcast_mul(&inv.broadcast_mul(&gamma)?)?
-            .broadcast_add(&beta)?)
+        // Running statistics: exponential average, unbiased variance (as PyTorch).
+        let (n, _, h, w) = x.dims4()?;
+        let count = (n * h * w) as f64;
+        let unbias = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let rm = &self.params[&rm_name];
+        let rv = &self.params[&rv_name];
+        let m = BN_MOMENTUM;
+        let new_rm = (rm.as_tensor().detach().affine(1.0 - m, 0.0)?
+            + mean.detach().flatten_all()?.affine(m, 0.0)?)?;
+        let new_rv = (rv.as_tensor().detach().affine(1.0 - m, 0.0)?
+            + var.detach().flatten_all()?.affine(m * unbias, 0.0)?)?;
+        rm.set(&new_rm)?;
+        rv.set(&new_rv)?;
+        Ok(y)
     }
 
     /// All parameter tensors by name (for saving).

@@ -3,6 +3,7 @@
 //!
 //! * [`executor`]: one interpreter of the graph for every architecture.
 //! * [`conv`]: fast CPU convolutions (im2col / col2im ops and candle's matmul).
+//! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
 //! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
@@ -10,6 +11,7 @@
 //! * [`checkpoint`], [`run`]: the run folder, the training loop, resume.
 //! * [`evaluate`]: `ccnet eval`'s per-image metrics, latency and overlays.
 
+pub mod batch_norm;
 pub mod checkpoint;
 pub mod conv;
 pub mod data;
