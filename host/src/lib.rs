@@ -1,5 +1,6 @@
 //! ccnet host toolchain: everything that runs on a workstation or cluster node.
 //!
+//! * [`baselines`]: the squeeze and prune baselines and the Table 2 / Table 3 experiment.
 //! * [`calib`]: the accuracy model: fits of equations (1) and (2), α selection.
 //! * [`cli`]: the `ccnet` command line, one module per subcommand.
 //! * [`complexity`]: image complexity measures (J, B, JB and the other candidates).
@@ -15,6 +16,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod baselines;
 pub mod calib;
 pub mod cli;
 pub mod complexity;

@@ -449,6 +449,16 @@ impl<'a> Graph<'a> {
         Ok(g)
     }
 
+    /// Validates like [`Graph::new`] a graph of any length, with caller scratch of at
+    /// least one entry per node. Training graphs on the host (batch norm after every
+    /// convolution of a squeezed network, say) may exceed [`MAX_NODES`], which limits
+    /// what a container holds and the device runs.
+    pub fn new_with_scratch(nodes: &'a [Op], channels: &mut [u32]) -> Result<Self, GraphError> {
+        let g = Graph { nodes };
+        g.check_edges_and_channels(channels)?;
+        Ok(g)
+    }
+
     /// The nodes.
     pub fn nodes(&self) -> &'a [Op] {
         self.nodes
@@ -474,13 +484,18 @@ impl<'a> Graph<'a> {
 
     /// Checks edges and channel consistency; writes each node's channel count.
     fn check_structure(&self, channels: &mut [u32]) -> Result<(), GraphError> {
-        if self.nodes.is_empty() {
-            return Err(GraphError::Empty);
-        }
         if self.nodes.len() > MAX_NODES {
             return Err(GraphError::TooManyNodes {
                 count: self.nodes.len(),
             });
+        }
+        self.check_edges_and_channels(channels)
+    }
+
+    /// [`Graph::check_structure`] without the node limit.
+    fn check_edges_and_channels(&self, channels: &mut [u32]) -> Result<(), GraphError> {
+        if self.nodes.is_empty() {
+            return Err(GraphError::Empty);
         }
         if channels.len() < self.nodes.len() {
             return Err(GraphError::ScratchTooSmall {

@@ -181,38 +181,25 @@ impl Sweep {
     /// Whether a run is pending, partial or done.
     pub fn state(&self, key: &RunKey) -> RunState {
         let dir = self.run_dir(key);
-        match read_json::<RunMetrics>(&dir.join("metrics.json")) {
-            Ok(m) if m.stopped == "early_stop" || m.stopped == "max_epochs" => RunState::Done,
-            _ if run::config_path(&dir).exists() => RunState::Partial,
-            _ => RunState::Pending,
+        if run::finished(&dir).is_some() {
+            RunState::Done
+        } else if run::config_path(&dir).exists() {
+            RunState::Partial
+        } else {
+            RunState::Pending
         }
     }
 
     /// Runs (or resumes) one key; a finished run is left as it is.
     pub fn run_one(&self, key: &RunKey, dataset_dir: &Path, opts: &LoopOptions) -> Result<()> {
-        let dir = self.run_dir(key);
-        match self.state(key) {
-            RunState::Done => Ok(()),
-            RunState::Partial if run::checkpoint_path(&dir).exists() => {
-                run::resume(&dir, Some(dataset_dir), opts).map(|_| ())
-            }
-            state => {
-                if state == RunState::Partial {
-                    // Started but killed before its first checkpoint: start over.
-                    std::fs::remove_dir_all(&dir).with_context(|| {
-                        format!("{}: cannot remove the unfinished run", dir.display())
-                    })?;
-                }
-                let spec = TrainSpec {
-                    dataset_dir: dataset_dir.to_path_buf(),
-                    arch: self.arch,
-                    alpha: Alpha::parse(&key.alpha).map_err(|e| anyhow!("{e}"))?,
-                    seed: key.seed,
-                    recipe: self.recipe.clone(),
-                };
-                run::train(&spec, &dir, opts).map(|_| ())
-            }
-        }
+        let spec = TrainSpec {
+            dataset_dir: dataset_dir.to_path_buf(),
+            arch: self.arch,
+            alpha: Alpha::parse(&key.alpha).map_err(|e| anyhow!("{e}"))?,
+            seed: key.seed,
+            recipe: self.recipe.clone(),
+        };
+        run::train_to_end(&spec, &run::Variant::default(), &self.run_dir(key), opts).map(|_| ())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod calibrate;
 pub mod complexity;
 pub mod crops;
 pub mod eval;
+pub mod experiment;
 pub mod pack;
 pub mod segment;
 pub mod select;
@@ -49,6 +50,8 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Segment images offline with a packed model on the device engine (no GPU, no network).
     Segment(segment::SegmentArgs),
+    /// The paper's comparison: base, squeezed, pruned and CC-Net networks (Tables 2, 3).
+    Experiment(experiment::ExperimentArgs),
 }
 
 /// Runs a parsed command line.
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crops(a) => crops::run(&a).map(|_| ()),
         Command::Segment(a) => segment::run(&a),
         Command::Validate(a) => validate::run(&a),
+        Command::Experiment(a) => experiment::run(&a),
     }
 }
 

@@ -204,6 +204,17 @@ pub fn candidate(
 
 /// Runs `ccnet select`.
 pub fn run(a: &SelectArgs) -> Result<()> {
+    let report = report(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}
+
+/// The selection `ccnet select` reports for `a` (its `json` flag is ignored).
+pub fn report(a: &SelectArgs) -> Result<SelectReport> {
     let cal_path = a
         .calibration
         .clone()
@@ -306,12 +317,7 @@ pub fn run(a: &SelectArgs) -> Result<()> {
             .map(|x| x * selection.chosen.rel_iu),
         selection,
     };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", table(&report));
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// The human-readable report.

@@ -34,7 +34,7 @@ pub enum FoldError {
     Weights(#[from] crate::weights::WeightsError),
 }
 
-fn readers(graph: &[Op]) -> Vec<usize> {
+pub(crate) fn readers(graph: &[Op]) -> Vec<usize> {
     let mut count = vec![0; graph.len()];
     for op in graph {
         for &i in op.inputs().as_slice() {
@@ -44,7 +44,7 @@ fn readers(graph: &[Op]) -> Vec<usize> {
     count
 }
 
-fn remap_inputs(op: Op, map: &[NodeId]) -> Op {
+pub(crate) fn remap_inputs(op: Op, map: &[NodeId]) -> Op {
     let m = |i: NodeId| map[i as usize];
     match op {
         Op::Input { .. } => op,
@@ -226,6 +226,29 @@ pub fn fold_batch_norm(model: &FloatModel) -> Result<FloatModel, FoldError> {
     })
 }
 
+/// Parameters of a training graph once its batch norms are folded: every batch norm's
+/// `γ, β` go, and the convolution before it gains a bias if it had none.
+pub fn deployed_params(graph: &[Op]) -> u64 {
+    let mut p = Graph::new_unchecked(graph).trainable_params();
+    for op in graph {
+        if let Op::BatchNorm {
+            input, channels, ..
+        } = *op
+        {
+            p -= 2 * u64::from(channels);
+            let bias = match graph.get(input as usize) {
+                Some(Op::Conv2d(c)) => c.bias,
+                Some(Op::ConvTranspose2d(c)) => c.bias,
+                _ => true,
+            };
+            if !bias {
+                p += u64::from(channels);
+            }
+        }
+    }
+    p
+}
+
 /// Fuses a ReLU into the convolution it reads when that convolution has no other
 /// reader. Weights are unchanged (convolution ordinals do not change).
 pub fn fuse_relu(model: &FloatModel) -> FloatModel {
@@ -326,6 +349,11 @@ mod tests {
             assert_eq!(
                 Graph::new(&fused.graph).unwrap().trainable_params(),
                 Graph::new(&plain).unwrap().trainable_params()
+            );
+            assert_eq!(
+                deployed_params(&model.graph),
+                Graph::new(&plain).unwrap().trainable_params(),
+                "{arch}"
             );
         }
     }

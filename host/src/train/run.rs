@@ -78,6 +78,16 @@ pub struct RunConfig {
     pub trainable_params: u64,
     /// Parameters of the deployed network (batch norm folded into biases).
     pub deployed_params: u64,
+    /// A variant's name (`squeeze 1/2`, `prune round 2`); absent for the architecture's
+    /// own network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// The variant's training graph, which replaces the architecture's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<Vec<Op>>,
+    /// The weights the run started from, when not a fresh initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_weights: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -98,8 +108,11 @@ impl RunConfig {
         })
     }
 
-    /// The training graph.
+    /// The training graph: the variant's, else the architecture's.
     pub fn graph(&self) -> Result<Vec<Op>> {
+        if let Some(g) = &self.graph {
+            return Ok(g.clone());
+        }
         ccnet_models::build(&self.arch_config()?)
             .map_err(|e| anyhow!("cannot build the network: {e}"))
     }
@@ -171,6 +184,17 @@ pub struct TrainSpec {
     pub seed: u64,
     /// Recipe.
     pub recipe: Recipe,
+}
+
+/// A network other than the architecture's own (the squeeze and prune baselines).
+#[derive(Clone, Debug, Default)]
+pub struct Variant {
+    /// Name recorded in `config.json`.
+    pub name: Option<String>,
+    /// Training graph replacing the architecture's (same input channels, 2 classes).
+    pub graph: Option<Vec<Op>>,
+    /// Start from these weights (a safetensors file holding every tensor of the graph).
+    pub init_weights: Option<PathBuf>,
 }
 
 /// How to run the loop.
@@ -272,6 +296,17 @@ pub fn checkpoint_path(run: &Path) -> PathBuf {
 
 /// Starts a new run in `out` (which must not hold a checkpointed run) and trains it.
 pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetrics> {
+    train_variant(spec, &Variant::default(), out, opts)
+}
+
+/// [`train`] for a variant network: its own graph, optionally starting from given
+/// weights (fine-tuning).
+pub fn train_variant(
+    spec: &TrainSpec,
+    variant: &Variant,
+    out: &Path,
+    opts: &LoopOptions,
+) -> Result<RunMetrics> {
     // A folder whose run never finished an epoch (no checkpoint) may be started again.
     if checkpoint_path(out).exists() {
         bail!(
@@ -299,8 +334,27 @@ pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetr
         classes: 2,
         batch_norm: r.batch_norm,
     };
-    let nodes = ccnet_models::build(&ac)
-        .map_err(|e| anyhow!("cannot build {} at α = {}: {e}", spec.arch, spec.alpha))?;
+    let nodes = match &variant.graph {
+        Some(g) => {
+            if g.first()
+                != Some(&Op::Input {
+                    channels: in_channels,
+                })
+            {
+                bail!(
+                    "the variant's graph does not start with an input of {in_channels} channel(s), as {} has",
+                    spec.dataset_dir.display()
+                );
+            }
+            g.clone()
+        }
+        None => ccnet_models::build(&ac)
+            .map_err(|e| anyhow!("cannot build {} at α = {}: {e}", spec.arch, spec.alpha))?,
+    };
+    let deployed_params = match &variant.graph {
+        Some(g) => crate::pack::fold::deployed_params(g),
+        None => ccnet_models::deployed_params(&ac).map_err(|e| anyhow!("{e}"))?,
+    };
     let cfg = RunConfig {
         format: RUN_FORMAT,
         dataset: ds.name.clone(),
@@ -316,11 +370,18 @@ pub fn train(spec: &TrainSpec, out: &Path, opts: &LoopOptions) -> Result<RunMetr
         recipe: r.clone(),
         split,
         trainable_params: Graph::new_unchecked(&nodes).trainable_params(),
-        deployed_params: ccnet_models::deployed_params(&ac).map_err(|e| anyhow!("{e}"))?,
+        deployed_params,
+        variant: variant.name.clone(),
+        graph: variant.graph.clone(),
+        init_weights: variant.init_weights.clone(),
     };
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut init_rng = Rng::new(spec.seed, 0x1417);
     let net = Network::new(&nodes, &opts.device, &mut init_rng)?;
+    if let Some(w) = &variant.init_weights {
+        let (tensors, _) = checkpoint::load(w, &opts.device)?;
+        net.load(&tensors, &w.display().to_string())?;
+    }
     let adam = Adam::new(trainable(&net))?;
     let state = TrainState {
         step: 0,
@@ -368,6 +429,35 @@ pub fn resume(out: &Path, dataset_dir: Option<&Path>, opts: &LoopOptions) -> Res
     let mut adam = Adam::new(trainable(&net))?;
     adam.load(&tensors, state.adam_t, &what)?;
     run_loop(&cfg, &ds, net, adam, state, out, opts)
+}
+
+/// The metrics of a finished run in `dir` (early stop or all epochs), if it is one.
+pub fn finished(dir: &Path) -> Option<RunMetrics> {
+    read_json::<RunMetrics>(&dir.join("metrics.json"))
+        .ok()
+        .filter(|m| m.stopped == "early_stop" || m.stopped == "max_epochs")
+}
+
+/// Brings the run in `dir` to its end: a finished run is left as it is, a checkpointed
+/// one resumed, one killed before its first checkpoint started over, a missing one
+/// trained.
+pub fn train_to_end(
+    spec: &TrainSpec,
+    variant: &Variant,
+    dir: &Path,
+    opts: &LoopOptions,
+) -> Result<RunMetrics> {
+    if let Some(m) = finished(dir) {
+        return Ok(m);
+    }
+    if checkpoint_path(dir).exists() {
+        return resume(dir, Some(&spec.dataset_dir), opts);
+    }
+    if config_path(dir).exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("{}: cannot remove the unfinished run", dir.display()))?;
+    }
+    train_variant(spec, variant, dir, opts)
 }
 
 fn trainable(net: &Network) -> Vec<(&String, &candle_core::Var)> {
