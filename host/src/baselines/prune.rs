@@ -121,8 +121,7 @@ pub fn filter_scores(graph: &[Op], weights: &WeightMap, node: NodeId) -> Result<
     if transposed {
         // [in, out, k, k]
         let kk: usize = w.dims[2..].iter().product();
-        for (i, chunk) in w.values.chunks(out * kk).enumerate() {
-            let _ = i;
+        for chunk in w.values.chunks(out * kk) {
             for (o, s) in score.iter_mut().enumerate() {
                 *s += chunk[o * kk..(o + 1) * kk]
                     .iter()

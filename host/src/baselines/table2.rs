@@ -521,9 +521,9 @@ pub fn run_dataset(
 }
 
 fn human_bytes(b: u64) -> String {
-    if b % 1_000_000 == 0 {
+    if b.is_multiple_of(1_000_000) {
         format!("{} MB", b / 1_000_000)
-    } else if b % 1000 == 0 {
+    } else if b.is_multiple_of(1000) {
         format!("{} kB", b / 1000)
     } else {
         format!("{b} B")
@@ -614,7 +614,7 @@ pub fn markdown(r: &Report) -> String {
     for d in &r.datasets {
         for x in &d.rows {
             md += &format!(
-                "| {} | {} | {:.1} | {} | {:.0} |\n",
+                "| {} | {} | {:.1} | {} | {:.1} |\n",
                 d.dataset, x.method, x.seconds_per_epoch, x.pruning_epochs, x.total_seconds
             );
         }
