@@ -8,8 +8,14 @@
 //! bit-identical results, in `f32` as well as in int8; the tests check this on random
 //! shapes.
 //!
-//! This module holds no `unsafe` code. Kernels check their slice lengths against the
-//! geometry first and return [`ShapeError`] instead of panicking.
+//! Stride-1 f32 convolutions run the register-blocked panel kernel of the `panel`
+//! submodule (also compiled for AVX2 on x86_64 and picked at run time); it is
+//! bit-identical to the reference too. That submodule holds the crate's only `unsafe`
+//! code (CPU feature probing and the call into the AVX2 instance). Kernels check their
+//! slice lengths against the geometry first and return [`ShapeError`] instead of
+//! panicking.
+
+mod panel;
 
 use ccnet_shared::quant::{quantize_multiplier, requantize, saturate_i8, Requant};
 
@@ -361,19 +367,54 @@ pub fn conv2d_f32_ref(
     Ok(())
 }
 
-/// Output channels computed together by [`conv2d_f32_fast`].
+/// Output channels computed together by [`conv2d_f32_blocked`].
 const OC_BLOCK: usize = 4;
-/// Output pixels (along a row) computed together by [`conv2d_f32_fast`].
+/// Output pixels (along a row) computed together by [`conv2d_f32_blocked`].
 const PX_BLOCK: usize = 8;
-/// Decoded weights held on the stack by [`conv2d_f32_fast`] (8 KiB).
+/// Decoded weights held on the stack by [`conv2d_f32_blocked`] (8 KiB).
 const W_BUF: usize = 2048;
 
-/// Fast f32 convolution, bit-identical to [`conv2d_f32_ref`]. Register blocking: a tile
-/// of 4 output channels × 8 output pixels accumulates over a chunk of input channels
-/// and the kernel taps, with the chunk's weights decoded once into a stack buffer; each
-/// output's terms are still added in the reference order (partial sums go back to the
-/// output between chunks, which is exact).
+/// Fast f32 convolution, bit-identical to [`conv2d_f32_ref`]: the panel kernel
+/// (4 output channels × 16 pixels with AVX2, × 8 pixels otherwise) for stride 1,
+/// [`conv2d_f32_blocked`] for other strides.
 pub fn conv2d_f32_fast(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if panel::handles(g) {
+        panel::conv2d(g, x, w, bias, relu, y, true)
+    } else {
+        conv2d_f32_blocked(g, x, w, bias, relu, y)
+    }
+}
+
+/// [`conv2d_f32_fast`] without the AVX2 instance (the code every other target runs),
+/// bit-identical to [`conv2d_f32_ref`].
+pub fn conv2d_f32_fast_portable(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if panel::handles(g) {
+        panel::conv2d(g, x, w, bias, relu, y, false)
+    } else {
+        conv2d_f32_blocked(g, x, w, bias, relu, y)
+    }
+}
+
+/// Register-blocked f32 convolution for any stride, bit-identical to
+/// [`conv2d_f32_ref`]: a tile of 4 output channels × 8 output pixels accumulates over a
+/// chunk of input channels and the kernel taps, with the chunk's weights decoded once
+/// into a stack buffer; each output's terms are still added in the reference order
+/// (partial sums go back to the output between chunks, which is exact).
+pub fn conv2d_f32_blocked(
     g: &ConvGeom,
     x: &[f32],
     w: Params<'_>,
@@ -486,7 +527,7 @@ pub fn conv2d_f32_fast(
     Ok(())
 }
 
-/// One 4-channel × 8-pixel tile of [`conv2d_f32_fast`] whose taps all fall inside the
+/// One 4-channel × 8-pixel tile of [`conv2d_f32_blocked`] whose taps all fall inside the
 /// input rows (stride 1): the same additions in the same order, on local accumulators.
 #[inline(always)]
 fn conv_block_interior(
@@ -533,7 +574,7 @@ fn conv_block_interior(
 }
 
 /// Row-wise f32 convolution (four output channels share each input row), bit-identical
-/// to [`conv2d_f32_ref`]; used by [`conv2d_f32_fast`] for kernels too large for its
+/// to [`conv2d_f32_ref`]; used by [`conv2d_f32_blocked`] for kernels too large for its
 /// weight buffer.
 pub fn conv2d_f32_rows(
     g: &ConvGeom,
@@ -680,9 +721,44 @@ pub fn conv_transpose2d_f32_ref(
     Ok(())
 }
 
-/// Fast f32 transposed convolution (scatter along input rows), bit-identical to
-/// [`conv_transpose2d_f32_ref`].
+/// Fast f32 transposed convolution, bit-identical to [`conv_transpose2d_f32_ref`]: the
+/// panel kernel when the kernel side equals the stride without padding (U-Net's
+/// up-convolutions), [`conv_transpose2d_f32_rows`] otherwise.
 pub fn conv_transpose2d_f32_fast(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if panel::handles_transposed(g) {
+        panel::conv_transpose2d(g, x, w, bias, relu, y, true)
+    } else {
+        conv_transpose2d_f32_rows(g, x, w, bias, relu, y)
+    }
+}
+
+/// [`conv_transpose2d_f32_fast`] without the AVX2 instance, bit-identical to
+/// [`conv_transpose2d_f32_ref`].
+pub fn conv_transpose2d_f32_fast_portable(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if panel::handles_transposed(g) {
+        panel::conv_transpose2d(g, x, w, bias, relu, y, false)
+    } else {
+        conv_transpose2d_f32_rows(g, x, w, bias, relu, y)
+    }
+}
+
+/// f32 transposed convolution for any geometry (scatter along input rows),
+/// bit-identical to [`conv_transpose2d_f32_ref`].
+pub fn conv_transpose2d_f32_rows(
     g: &ConvGeom,
     x: &[f32],
     w: Params<'_>,

@@ -103,6 +103,43 @@ proptest! {
         let mut y2 = vec![f32::NAN; g.cout * g.oh * g.ow];
         conv2d_f32_rows(&g, &x, w, b, c.relu, &mut y2).unwrap();
         prop_assert_eq!(bits(&y0), bits(&y2));
+        let mut y3 = vec![f32::NAN; g.cout * g.oh * g.ow];
+        conv2d_f32_fast_portable(&g, &x, w, b, c.relu, &mut y3).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y3));
+        let mut y4 = vec![f32::NAN; g.cout * g.oh * g.ow];
+        conv2d_f32_blocked(&g, &x, w, b, c.relu, &mut y4).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y4));
+    }
+
+    /// Many input channels: the panel kernel's input-channel chunks (partial sums
+    /// stored and reloaded between chunks) and partial channel blocks.
+    #[test]
+    fn conv_f32_fast_equals_reference_deep(
+        cin in 15usize..80,
+        cout in 1usize..11,
+        ih in 1usize..7,
+        iw in 1usize..40,
+        k in 1usize..6,
+        pad in 0usize..3,
+        dil in 1usize..3,
+        relu in any::<bool>(),
+        seed in 1u64..u64::MAX,
+    ) {
+        let Some(g) = ConvGeom::conv(cin, cout, ih, iw, k, 1, pad, dil) else {
+            return Ok(());
+        };
+        let mut r = Rng(seed);
+        let x: Vec<f32> = (0..cin * ih * iw).map(|_| r.f32()).collect();
+        let wb = f32_bytes(&(0..cin * cout * k * k).map(|_| r.f32()).collect::<Vec<_>>());
+        let bb = f32_bytes(&(0..cout).map(|_| r.f32()).collect::<Vec<_>>());
+        let (w, b) = (Params::F32(&wb), Some(Params::F32(&bb)));
+        let n = g.cout * g.oh * g.ow;
+        let (mut y0, mut y1, mut y2) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        conv2d_f32_ref(&g, &x, w, b, relu, &mut y0).unwrap();
+        conv2d_f32_fast(&g, &x, w, b, relu, &mut y1).unwrap();
+        conv2d_f32_fast_portable(&g, &x, w, b, relu, &mut y2).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y1));
+        prop_assert_eq!(bits(&y0), bits(&y2));
     }
 
     #[test]
@@ -120,6 +157,47 @@ proptest! {
         conv_transpose2d_f32_ref(&g, &x, Params::F32(&wb), b, c.relu, &mut y0).unwrap();
         conv_transpose2d_f32_fast(&g, &x, Params::F32(&wb), b, c.relu, &mut y1).unwrap();
         prop_assert_eq!(bits(&y0), bits(&y1));
+        let mut y2 = vec![f32::NAN; g.cout * g.oh * g.ow];
+        conv_transpose2d_f32_fast_portable(&g, &x, Params::F32(&wb), b, c.relu, &mut y2).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y2));
+        let mut y3 = vec![f32::NAN; g.cout * g.oh * g.ow];
+        conv_transpose2d_f32_rows(&g, &x, Params::F32(&wb), b, c.relu, &mut y3).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y3));
+    }
+
+    /// Up-convolutions (kernel = stride, no padding) with many input channels: the
+    /// panel kernel's phases, channel chunks and partial tiles.
+    #[test]
+    fn conv_transpose_f32_upconv_equals_reference(
+        cin in 1usize..200,
+        cout in 1usize..11,
+        ih in 1usize..6,
+        iw in 1usize..40,
+        s in 1usize..4,
+        bias in any::<bool>(),
+        relu in any::<bool>(),
+        f16 in any::<bool>(),
+        seed in 1u64..u64::MAX,
+    ) {
+        let g = ConvGeom::transposed(cin, cout, ih, iw, s, s, 0).unwrap();
+        let mut r = Rng(seed);
+        let x: Vec<f32> = (0..cin * ih * iw).map(|_| r.f32()).collect();
+        let wv: Vec<f32> = (0..cin * cout * s * s).map(|_| r.f32()).collect();
+        let wb: Vec<u8> = if f16 {
+            wv.iter().flat_map(|v| f32_to_f16_bits(*v).to_le_bytes()).collect()
+        } else {
+            f32_bytes(&wv)
+        };
+        let w = if f16 { Params::F16(&wb) } else { Params::F32(&wb) };
+        let bb = f32_bytes(&(0..cout).map(|_| r.f32()).collect::<Vec<_>>());
+        let b = bias.then_some(Params::F32(&bb));
+        let n = g.cout * g.oh * g.ow;
+        let (mut y0, mut y1, mut y2) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        conv_transpose2d_f32_ref(&g, &x, w, b, relu, &mut y0).unwrap();
+        conv_transpose2d_f32_fast(&g, &x, w, b, relu, &mut y1).unwrap();
+        conv_transpose2d_f32_fast_portable(&g, &x, w, b, relu, &mut y2).unwrap();
+        prop_assert_eq!(bits(&y0), bits(&y1));
+        prop_assert_eq!(bits(&y0), bits(&y2));
     }
 
     #[test]
