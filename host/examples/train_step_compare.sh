@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Runs the candle bench (old candle convolutions and the fast ops) and the PyTorch peer
-# side by side, one (alpha, size) at a time and interleaved, so that machine load hits
-# every side alike; prints the step-time table and the ratios ccnet / PyTorch.
+# Runs the candle bench (modes: `candle` = candle's convolutions and batch norm,
+# `fast-oldbn` = fast convolutions with candle's batch norm, `fast` = fast convolutions
+# and the fused batch norm + ReLU) and the PyTorch peer side by side, one (alpha, size)
+# at a time and interleaved, so that machine load hits every side alike; prints the
+# step-time table and the ratios ccnet / PyTorch.
 #
 #   host/examples/train_step_compare.sh [alphas] [sizes] [iters]
 #   host/examples/train_step_compare.sh 1/16,1/8,1/4 128,256 3
+#   MODES=fast host/examples/train_step_compare.sh 1/8 256 3     # only some candle modes
 #
 # Needs python3 with torch (CPU); without it only old-vs-new candle is printed.
 # Uses CARGO_TARGET_DIR if set. Threads: 2 for both (RAYON_NUM_THREADS, torch.set_num_threads).
@@ -21,10 +24,11 @@ alphas=${1:-1/16,1/8,1/4}
 sizes=${2:-128,256}
 iters=${3:-3}
 threads=${THREADS:-2}
+modes=${MODES:-candle,fast-oldbn,fast}
 export RAYON_NUM_THREADS=$threads
 export CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-echo "# threads $threads, CANDLE_NUM_THREADS=$CANDLE_NUM_THREADS, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, iters $iters"
+echo "# threads $threads, CANDLE_NUM_THREADS=$CANDLE_NUM_THREADS, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, iters $iters, modes $modes"
 cargo build --release -q -p ccnet-host --example train_step_bench
 bin=${CARGO_TARGET_DIR:-target}/release/examples/train_step_bench
 have_torch=0
@@ -34,7 +38,7 @@ trap 'rm -f "$out"' EXIT
 for a in ${alphas//,/ }; do
   for s in ${sizes//,/ }; do
     for what in train infer; do
-      "$bin" --alphas "$a" --sizes "$s" --iters "$iters" --what "$what" --modes candle,fast | grep '^bench' | tee -a "$out"
+      "$bin" --alphas "$a" --sizes "$s" --iters "$iters" --what "$what" --modes "$modes" | grep '^bench' | tee -a "$out"
       if [ $have_torch = 1 ]; then
         python3 host/examples/train_step_peer.py --alphas "$a" --sizes "$s" --iters "$iters" \
           --what "$what" --threads "$threads" | grep '^bench' | tee -a "$out"
@@ -50,11 +54,12 @@ for line in open(sys.argv[1]):
     m = dict(kv.split("=") for kv in line.split()[2:])
     t[(line.split()[1], m["alpha"], m["size"], m["mode"])] = float(m["ms"])
 rows = sorted({k[:3] for k in t}, key=lambda k: (k[0] != "train", eval(k[1]), int(k[2])))
-print("| step | alpha | size | candle ms | fast ms | torch ms | candle/torch | fast/torch | candle/fast |")
-print("|---|---|---|---|---|---|---|---|---|")
+modes = ["candle", "fast-oldbn", "fast"]
+print("| step | alpha | size | candle ms | fast-oldbn ms | fast ms | torch ms | candle/torch | fast-oldbn/torch | fast/torch | fast-oldbn/fast |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for w, a, s in rows:
-    c, f, p = (t.get((w, a, s, m)) for m in ("candle", "fast", "torch"))
+    c, o, f, p = (t.get((w, a, s, m)) for m in modes + ["torch"])
     r = lambda x, y: f"{x / y:.2f}" if x and y else "-"
     ms = lambda x: f"{x:.0f}" if x else "-"
-    print(f"| {w} | {a} | {s} | {ms(c)} | {ms(f)} | {ms(p)} | {r(c, p)} | {r(f, p)} | {r(c, f)} |")
+    print(f"| {w} | {a} | {s} | {ms(c)} | {ms(o)} | {ms(f)} | {ms(p)} | {r(c, p)} | {r(o, p)} | {r(f, p)} | {r(o, f)} |")
 EOF

@@ -8,7 +8,8 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use ccnet_host::train::batch_norm::{self, Mode};
-use ccnet_host::train::executor::Network;
+use ccnet_host::train::conv;
+use ccnet_host::train::executor::{self, Network};
 use ccnet_host::train::loss::{loss, LossKind};
 use ccnet_host::train::optim::Adam;
 use ccnet_host::train::rng::Rng;
@@ -275,4 +276,104 @@ fn tiny_unet_trains_the_same_with_either_batch_norm() -> Result<()> {
     let e = rel_err(e1, e0);
     assert!(e < 1e-4, "inference output error {e}");
     Ok(())
+}
+
+/// Forward and gradients of `f_fast` vs `f_ref` for `Σ y ⊙ r` over the given variables.
+fn compare_fn(
+    what: &str,
+    vars: &[&Var],
+    rng: &mut Rng,
+    f_fast: &dyn Fn() -> Tensor,
+    f_ref: &dyn Fn() -> Tensor,
+    tol: f32,
+) {
+    let (y, y_ref) = (f_fast(), f_ref());
+    let e = rel_err(&y, &y_ref);
+    assert!(e < tol, "{what}: forward error {e}");
+    let r = randn(rng, y_ref.dims(), 1.0, 0.0);
+    let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_ref = y_ref
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (k, v) in vars.iter().enumerate() {
+        let e = rel_err(
+            g.get(v.as_tensor()).unwrap(),
+            g_ref.get(v.as_tensor()).unwrap(),
+        );
+        assert!(e < tol, "{what}: gradient of variable {k}: error {e}");
+    }
+}
+
+/// The bias-add op (`conv::BiasAdd`) against candle's broadcast add.
+#[test]
+fn bias_add_matches_broadcast_add() {
+    let mut rng = Rng::new(43, 1);
+    for &(n, c, h, w, _, _) in SHAPES {
+        let y = Var::from_tensor(&randn(&mut rng, &[n, c, h, w], 1.0, 0.0)).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[c], 1.0, 0.0)).unwrap();
+        compare_fn(
+            &format!("bias add {:?}", (n, c, h, w)),
+            &[&y, &b],
+            &mut rng,
+            &|| conv::add_bias(y.as_tensor(), b.as_tensor()).unwrap(),
+            &|| {
+                y.as_tensor()
+                    .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1)).unwrap())
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}
+
+/// The up-convolution op (`conv::UpConvOp`, kernel = stride, no padding) and the
+/// executor's `conv_transpose2d` with bias against candle's `conv_transpose2d`.
+#[test]
+fn upconv_matches_candle_conv_transpose2d() {
+    let mut rng = Rng::new(47, 1);
+    for &(n, cin, cout, h, w, s) in &[
+        (2, 3, 4, 5, 6, 2),
+        (1, 2, 3, 1, 1, 2),
+        (3, 4, 2, 7, 3, 3),
+        (2, 8, 4, 16, 16, 2),
+        (1, 1, 1, 4, 5, 1),
+    ] {
+        let x = Var::from_tensor(&randn(&mut rng, &[n, cin, h, w], 1.0, 0.0)).unwrap();
+        let wt = Var::from_tensor(&randn(&mut rng, &[cin, cout, s, s], 1.0, 0.0)).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[cout], 1.0, 0.0)).unwrap();
+        let what = format!("upconv {:?}", (n, cin, cout, h, w, s));
+        compare_fn(
+            &what,
+            &[&x, &wt],
+            &mut rng,
+            &|| conv::upconv(x.as_tensor(), wt.as_tensor(), s).unwrap(),
+            &|| {
+                x.as_tensor()
+                    .conv_transpose2d(wt.as_tensor(), 0, 0, s, 1)
+                    .unwrap()
+            },
+            1e-5,
+        );
+        compare_fn(
+            &format!("{what} + bias via the executor"),
+            &[&x, &wt, &b],
+            &mut rng,
+            &|| {
+                executor::conv_transpose2d(x.as_tensor(), wt.as_tensor(), Some(b.as_tensor()), 0, s)
+                    .unwrap()
+            },
+            &|| {
+                x.as_tensor()
+                    .conv_transpose2d(wt.as_tensor(), 0, 0, s, 1)
+                    .unwrap()
+                    .broadcast_add(&b.as_tensor().reshape((1, cout, 1, 1)).unwrap())
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
 }

@@ -633,3 +633,230 @@ pub fn conv2d_banded(
     Ok(x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2dOp { g, cout })?)
 }
+
+/// Per-channel bias addition `y + b` on `(y, b)`, `y` `(N, C, H, W)`, `b` `[C]`, with its
+/// own backward pass: `dy` passes through, `db` is the per-channel sum of `dy` over
+/// `(N, H, W)`, computed plane by plane in parallel (candle's broadcast backward reduces
+/// over the non-trailing dimensions with a single-threaded strided fold).
+#[derive(Clone, Copy, Debug)]
+pub struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "ccnet-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = contiguous_f32(s1, l1, "bias add")?;
+        let b = contiguous_f32(s2, l2, "bias add")?;
+        let &[n, c, h, w] = l1.dims() else {
+            candle_core::bail!("bias add: y must be (N, C, H, W), got {:?}", l1.dims());
+        };
+        if b.len() != c {
+            candle_core::bail!("bias add: {c} channels but bias {:?}", l2.dims());
+        }
+        let plane = h * w;
+        let mut out = vec![0f32; y.len()];
+        if plane > 0 {
+            out.par_chunks_mut(plane)
+                .zip(y.par_chunks(plane))
+                .with_min_len((MIN_TASK / plane).max(1))
+                .enumerate()
+                .for_each(|(i, (o, src))| {
+                    let bv = b[i % c];
+                    for (d, &v) in o.iter_mut().zip(src) {
+                        *d = v + bv;
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, c, h, w) = grad.dims4()?;
+        let plane = h * w;
+        let grad = grad.contiguous()?;
+        let parts: Vec<f64> = with_f32(&grad, |g| {
+            if plane == 0 {
+                return Vec::new();
+            }
+            g.par_chunks(plane)
+                .with_min_len((MIN_TASK / plane).max(1))
+                .map(|p| {
+                    let mut acc = [0f64; 8];
+                    let chunks = p.chunks_exact(8);
+                    for (k, &v) in chunks.remainder().iter().enumerate() {
+                        acc[k] += f64::from(v);
+                    }
+                    for ch in chunks {
+                        for k in 0..8 {
+                            acc[k] += f64::from(ch[k]);
+                        }
+                    }
+                    acc.iter().sum()
+                })
+                .collect()
+        })?;
+        let mut db = vec![0f64; c];
+        for (i, v) in parts.iter().enumerate() {
+            db[i % c] += v;
+        }
+        let db: Vec<f32> = db.iter().map(|&v| v as f32).collect();
+        let db = Tensor::from_vec(db, b.shape(), &Device::Cpu)?;
+        Ok((Some(grad), Some(db)))
+    }
+}
+
+/// `y + b` per channel (`y` `(N, C, H, W)`, `b` `[C]`) as [`BiasAdd`].
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)?)
+}
+
+/// Transposed convolution with kernel = stride `s` and no padding (U-Net's 2×2/2
+/// up-convolutions) on `(x, W)`, `x` `(N, Cin, H, W)`, `W` `(Cin, Cout, s, s)`: every
+/// input pixel writes its own `s × s` output block,
+/// `y[n, o, h·s+i, w·s+j] = Σ_c x[n, c, h, w] · W[c, o, i, j]`. Forward: one batched
+/// matmul `Z_n = W_mᵀ · X_n` (`W_m` = `W` as `Cin × Cout·s²`, `X_n` = image `n` as
+/// `Cin × H·W`) and a scatter of `Z_n`'s rows into the output planes; backward: the
+/// inverse gather `G_n` of `dY`, then `dX_n = W_m · G_n` and `dW_m = Σ_n X_n · G_nᵀ`
+/// (instead of candle's permutes and copies around one matmul and their backward).
+#[derive(Clone, Copy, Debug)]
+pub struct UpConvOp {
+    pub stride: usize,
+}
+
+/// Rows `i·s + j` of `rows` (`s² × (H·W)`: one output channel of one image) scattered
+/// into its `(H·s) × (W·s)` output plane.
+fn shuffle_scatter(s: usize, h: usize, w: usize, rows: &[f32], plane: &mut [f32]) {
+    let (wo, hw) = (w * s, h * w);
+    for i in 0..s {
+        for j in 0..s {
+            let r = &rows[(i * s + j) * hw..(i * s + j + 1) * hw];
+            for hh in 0..h {
+                let line = &mut plane[(hh * s + i) * wo..(hh * s + i + 1) * wo];
+                for (d, &v) in line[j..]
+                    .iter_mut()
+                    .step_by(s)
+                    .zip(&r[hh * w..(hh + 1) * w])
+                {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint (and inverse) of [`shuffle_scatter`]: an output plane gathered back into
+/// `s²` rows of `H·W`.
+fn shuffle_gather(s: usize, h: usize, w: usize, plane: &[f32], rows: &mut [f32]) {
+    let (wo, hw) = (w * s, h * w);
+    for i in 0..s {
+        for j in 0..s {
+            let r = &mut rows[(i * s + j) * hw..(i * s + j + 1) * hw];
+            for hh in 0..h {
+                let line = &plane[(hh * s + i) * wo..(hh * s + i + 1) * wo];
+                for (d, &v) in r[hh * w..(hh + 1) * w]
+                    .iter_mut()
+                    .zip(line[j..].iter().step_by(s))
+                {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+impl CustomOp2 for UpConvOp {
+    fn name(&self) -> &'static str {
+        "ccnet-upconv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = self.stride;
+        let x = contiguous_f32(s1, l1, "upconv")?;
+        let wv = contiguous_f32(s2, l2, "upconv")?;
+        let (&[n, cin, h, w], &[wcin, cout, kh, kw]) = (l1.dims(), l2.dims()) else {
+            candle_core::bail!("upconv: shapes {:?} {:?}", l1.dims(), l2.dims());
+        };
+        if wcin != cin || kh != s || kw != s || s == 0 {
+            candle_core::bail!("upconv: shapes {:?} {:?}, stride {s}", l1.dims(), l2.dims());
+        }
+        let (hw, k) = (h * w, cout * s * s);
+        let xm = Tensor::from_slice(x, (n, cin, hw), &Device::Cpu)?;
+        let wm = Tensor::from_slice(wv, (cin, k), &Device::Cpu)?;
+        let z = wm.t()?.broadcast_left(n)?.matmul(&xm)?;
+        let plane = hw * s * s;
+        let mut y = vec![0f32; n * cout * plane];
+        with_f32(&z, |z| {
+            y.par_chunks_mut(plane)
+                .with_min_len((MIN_TASK / plane.max(1)).max(1))
+                .enumerate()
+                .for_each(|(idx, dst)| {
+                    // Plane `idx` = image `idx / cout`, channel `idx % cout`: rows
+                    // `idx·s² ..` of the batched `Z`.
+                    shuffle_scatter(s, h, w, &z[idx * s * s * hw..(idx + 1) * s * s * hw], dst);
+                })
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((n, cout, h * s, w * s))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wt: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let s = self.stride;
+        let (n, cin, h, w) = x.dims4()?;
+        let cout = wt.dim(1)?;
+        let (hw, k, plane) = (h * w, cout * s * s, h * w * s * s);
+        let grad = grad.contiguous()?;
+        let mut g = vec![0f32; n * k * hw];
+        with_f32(&grad, |gr| {
+            g.par_chunks_mut(s * s * hw)
+                .with_min_len((MIN_TASK / plane.max(1)).max(1))
+                .enumerate()
+                .for_each(|(idx, dst)| {
+                    shuffle_gather(s, h, w, &gr[idx * plane..(idx + 1) * plane], dst);
+                })
+        })?;
+        let g = Tensor::from_vec(g, (n, k, hw), &Device::Cpu)?;
+        let wm = wt.reshape((cin, k))?;
+        let xm = x.reshape((n, cin, hw))?;
+        let dx = if x.track_op() {
+            Some(wm.broadcast_left(n)?.matmul(&g)?.reshape((n, cin, h, w))?)
+        } else {
+            None
+        };
+        let dw = xm
+            .matmul(&g.transpose(1, 2)?)?
+            .sum(0)?
+            .reshape((cin, cout, s, s))?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// [`UpConvOp`]: `conv_transpose2d` with kernel = stride, no padding, no bias.
+pub fn upconv(x: &Tensor, w: &Tensor, stride: usize) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, UpConvOp { stride })?)
+}

@@ -399,7 +399,11 @@ pub fn conv_transpose2d(
     let (_, _, k, k2) = w.dims4()?;
     if k == stride && k2 == stride && padding == 0 {
         // Non-overlapping up-convolution (U-Net's 2×2, stride 2): one matrix product and
-        // a pixel shuffle; exact, and its backward pass is far cheaper in candle.
+        // a pixel shuffle; exact, and its backward pass is far cheaper in candle. With the
+        // fast convolutions both are one op ([`conv::UpConvOp`]) with its own backward.
+        if conv::mode() == conv::Mode::Fast && conv::supports(x) {
+            return add_bias(conv::upconv(x, w, stride)?, b);
+        }
         return add_bias(pixel_shuffle_up(x, w, stride)?, b);
     }
     let y = if conv::enabled() && conv::supports(x) {
@@ -426,8 +430,12 @@ fn pixel_shuffle_up(x: &Tensor, w: &Tensor, s: usize) -> Result<Tensor> {
         .reshape((n, co, h * s, wd * s))?)
 }
 
+/// `y + b` per channel; in fused mode ([`batch_norm::mode`], which covers the fused
+/// element-wise ops) one [`conv::BiasAdd`] (its bias gradient is a parallel per-plane
+/// sum), else candle's broadcast add.
 fn add_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
+        Some(b) if batch_norm::use_fused(&y) && y.rank() == 4 => conv::add_bias(&y, b),
         Some(b) => {
             let c = b.dim(0)?;
             Ok(y.broadcast_add(&b.reshape((1, c, 1, 1))?)?)
