@@ -414,3 +414,32 @@ fn kernels_reject_mismatched_buffers() {
         Err(ShapeError)
     );
 }
+
+/// Planes too large for the AVX2 instance's padded buffer: the panel path with its
+/// in-place interior tiles and padded border tiles, against the reference.
+#[test]
+fn large_planes_take_the_panel_path_and_still_match() {
+    // (cin, cout, ih, iw, k, pad, dil)
+    let shapes = [
+        (3, 5, 131, 127, 3, 1, 1),
+        (2, 4, 140, 120, 5, 2, 2),
+        (25, 3, 129, 129, 3, 1, 1),
+        (1, 1, 200, 90, 1, 0, 1),
+        (4, 6, 130, 133, 3, 0, 1),
+    ];
+    for (i, &(cin, cout, ih, iw, k, pad, dil)) in shapes.iter().enumerate() {
+        let g = ConvGeom::conv(cin, cout, ih, iw, k, 1, pad, dil).unwrap();
+        let mut r = Rng(0x9e37_79b9 + i as u64);
+        let x: Vec<f32> = (0..cin * ih * iw).map(|_| r.f32()).collect();
+        let wb = f32_bytes(&(0..cin * cout * k * k).map(|_| r.f32()).collect::<Vec<_>>());
+        let bb = f32_bytes(&(0..cout).map(|_| r.f32()).collect::<Vec<_>>());
+        let (w, b) = (Params::F32(&wb), Some(Params::F32(&bb)));
+        let n = g.cout * g.oh * g.ow;
+        let (mut y0, mut y1, mut y2) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+        conv2d_f32_ref(&g, &x, w, b, i % 2 == 0, &mut y0).unwrap();
+        conv2d_f32_fast(&g, &x, w, b, i % 2 == 0, &mut y1).unwrap();
+        conv2d_f32_fast_portable(&g, &x, w, b, i % 2 == 0, &mut y2).unwrap();
+        assert_eq!(bits(&y0), bits(&y1), "shape {i}");
+        assert_eq!(bits(&y0), bits(&y2), "shape {i}");
+    }
+}

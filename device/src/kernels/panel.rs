@@ -71,6 +71,9 @@ mod x86 {
 
     use super::{conv2d_body, conv_transpose2d_body, ConvGeom, Params, ShapeError};
 
+    /// Zero-padded input planes of the AVX2 instance (64 KiB of stack; hosts only).
+    const PAD_BUF: usize = 16 * 1024;
+
     /// 0: not probed yet, 1: no AVX2, 2: AVX2 usable.
     static AVX2: AtomicU8 = AtomicU8::new(0);
 
@@ -135,7 +138,11 @@ mod x86 {
             relu: bool,
             y: &mut [f32],
         ) -> Result<(), ShapeError> {
-            conv2d_body::<16>(g, x, w, bias, relu, y)
+            if super::padded_fits::<16, PAD_BUF>(g) {
+                super::conv2d_padded::<16, PAD_BUF>(g, x, w, bias, relu, y)
+            } else {
+                conv2d_body::<16>(g, x, w, bias, relu, y)
+            }
         }
         // SAFETY: only called after `has_avx2()` found AVX2 on this CPU with OS support.
         unsafe { body(g, x, w, bias, relu, y) }
@@ -318,6 +325,9 @@ fn conv2d_body<const NR: usize>(
     let mut poff = [0usize; T_BUF];
     let mut doff = [0usize; T_BUF];
     let mut panel = [0f32; P_BUF];
+    // 3-wide kernel rows without dilation (most convolutions): three taps per offset.
+    let rows3 = k == 3 && d == 1;
+    let step = if rows3 { 3 } else { 1 };
     // Output rows whose taps all fall inside the input, likewise columns of a tile start.
     let span = (k - 1) * d;
     let oy_in = (pad, (g.ih + pad).saturating_sub(span));
@@ -338,8 +348,12 @@ fn conv2d_body<const NR: usize>(
                 for ky in 0..k {
                     for kx in 0..k {
                         let t = ici * kk + ky * k + kx;
-                        poff[t] = (ici * k + ky) * pw + kx * d;
-                        doff[t] = ici * in_plane + ky * d * g.iw + kx * d;
+                        // With `rows3`, entry `r` is the offset of kernel row `r`.
+                        let e = if rows3 { t / 3 } else { t };
+                        if !rows3 || kx == 0 {
+                            poff[e] = (ici * k + ky) * pw + kx * d;
+                            doff[e] = ici * in_plane + ky * d * g.iw + kx * d;
+                        }
                         for j in 0..MR {
                             wbuf[t * MR + j] = if j < nb {
                                 w.get(((oc0 + j) * g.cin + ic0 + ici) * kk + ky * k + kx)
@@ -365,13 +379,18 @@ fn conv2d_body<const NR: usize>(
                             load(a, &ys[j * plane + oy * g.ow + bx..], bn);
                         }
                     }
-                    if row_in && bn == NR && bx >= bx_in.0 && bx < bx_in.1 {
-                        let base = (oy - pad) * g.iw + bx - pad;
-                        micro(&mut acc, xs, base, &doff[..taps], wts);
+                    let direct = row_in && bn == NR && bx >= bx_in.0 && bx < bx_in.1;
+                    let (src, base, off): (&[f32], usize, &[usize]) = if direct {
+                        (xs, (oy - pad) * g.iw + bx - pad, &doff[..taps / step])
                     } else {
                         let p = &mut panel[..nic * k * pw];
                         fill_panel(g, xs, nic, oy, bx, pw, p);
-                        micro(&mut acc, p, 0, &poff[..taps], wts);
+                        (p, 0, &poff[..taps / step])
+                    };
+                    if rows3 {
+                        micro3(&mut acc, src, base, off, wts);
+                    } else {
+                        micro(&mut acc, src, base, off, wts);
                     }
                     for (j, a) in acc.iter().enumerate().take(nb) {
                         store(a, &mut ys[j * plane + oy * g.ow + bx..], bn, relu && last);
@@ -381,6 +400,122 @@ fn conv2d_body<const NR: usize>(
             }
             ic0 += nic;
         }
+    }
+    Ok(())
+}
+
+/// Whether [`conv2d_padded`] with a `PB`-float buffer takes this geometry: one
+/// zero-padded input plane and a tile's overrun fit.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn padded_fits<const NR: usize, const PB: usize>(g: &ConvGeom) -> bool {
+    let ppl = (g.ih + 2 * g.pad) * (g.iw + 2 * g.pad);
+    g.stride == 1 && g.k * g.k <= T_BUF && ppl + NR <= PB
+}
+
+/// The stride-1 kernel for inputs whose zero-padded planes fit a `PB`-float stack
+/// buffer (the small planes of a network's deeper levels, where most tiles touch the
+/// border): a chunk of input channels is padded once and every output-channel block
+/// and tile reads it in place. Same terms in the same order as [`conv2d_body`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+fn conv2d_padded<const NR: usize, const PB: usize>(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if !padded_fits::<NR, PB>(g) {
+        return Err(ShapeError);
+    }
+    let (k, d, pad) = (g.k, g.dil, g.pad);
+    let kk = k * k;
+    let (ppw, pph) = (g.iw + 2 * pad, g.ih + 2 * pad);
+    let ppl = ppw * pph;
+    let plane = g.oh * g.ow;
+    let in_plane = g.ih * g.iw;
+    let ic_chunk = ((PB - NR) / ppl).min(T_BUF / kk).clamp(1, g.cin);
+    let rows3 = k == 3 && d == 1;
+    let step = if rows3 { 3 } else { 1 };
+    let mut pbuf = [0f32; PB];
+    let mut wbuf = [0f32; W_BUF];
+    let mut off = [0usize; T_BUF];
+    let mut ic0 = 0;
+    while ic0 < g.cin {
+        let nic = ic_chunk.min(g.cin - ic0);
+        let taps = nic * kk;
+        let (first, last) = (ic0 == 0, ic0 + nic == g.cin);
+        // Pad the chunk's planes (the borders stay zero from the start).
+        for ici in 0..nic {
+            let src = &x[(ic0 + ici) * in_plane..(ic0 + ici + 1) * in_plane];
+            let dst = &mut pbuf[ici * ppl..(ici + 1) * ppl];
+            for (r, row) in dst.chunks_exact_mut(ppw).enumerate() {
+                match r.checked_sub(pad).filter(|&iy| iy < g.ih) {
+                    Some(iy) => {
+                        row[..pad].fill(0.0);
+                        row[pad..pad + g.iw].copy_from_slice(&src[iy * g.iw..(iy + 1) * g.iw]);
+                        row[pad + g.iw..].fill(0.0);
+                    }
+                    None => row.fill(0.0),
+                }
+            }
+        }
+        for ici in 0..nic {
+            for ky in 0..k {
+                for kx in (0..k).step_by(step) {
+                    let t = ici * kk + ky * k + kx;
+                    off[t / step] = ici * ppl + ky * d * ppw + kx * d;
+                }
+            }
+        }
+        let src = &pbuf[..nic * ppl + NR];
+        for (blk, ys) in y.chunks_mut(MR * plane).enumerate() {
+            let oc0 = MR * blk;
+            let nb = ys.len() / plane;
+            let mut bv = [0f32; MR];
+            for (j, b) in bv.iter_mut().enumerate().take(nb) {
+                *b = bias.map_or(0.0, |p| p.get(oc0 + j));
+            }
+            for t in 0..taps {
+                let (ici, tap) = (t / kk, t % kk);
+                for j in 0..MR {
+                    wbuf[t * MR + j] = if j < nb {
+                        w.get(((oc0 + j) * g.cin + ic0 + ici) * kk + tap)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            let wts = &wbuf[..taps * MR];
+            for oy in 0..g.oh {
+                let mut bx = 0;
+                while bx < g.ow {
+                    let bn = NR.min(g.ow - bx);
+                    let mut acc = [[0f32; NR]; MR];
+                    for (j, a) in acc.iter_mut().enumerate().take(nb) {
+                        if first {
+                            *a = [bv[j]; NR];
+                        } else {
+                            load(a, &ys[j * plane + oy * g.ow + bx..], bn);
+                        }
+                    }
+                    // A partial tile reads past its row into the next one (or the
+                    // buffer's `NR` spare values); those lanes are not stored.
+                    let base = oy * ppw + bx;
+                    if rows3 {
+                        micro3(&mut acc, src, base, &off[..taps / step], wts);
+                    } else {
+                        micro(&mut acc, src, base, &off[..taps / step], wts);
+                    }
+                    for (j, a) in acc.iter().enumerate().take(nb) {
+                        store(a, &mut ys[j * plane + oy * g.ow + bx..], bn, relu && last);
+                    }
+                    bx += bn;
+                }
+            }
+        }
+        ic0 += nic;
     }
     Ok(())
 }
@@ -460,6 +595,36 @@ fn store<const NR: usize>(a: &[f32; NR], dst: &mut [f32], n: usize, relu: bool) 
             }
         }
     }
+}
+
+/// [`micro`] for 3-wide kernel rows without dilation: `off[r]` is the offset of kernel
+/// row `r`, whose three taps read `src[base + off[r] + kx + i]` with weights
+/// `w[3r + kx]` (the same terms in the same order, fewer offsets).
+#[inline(always)]
+fn micro3<const NR: usize>(
+    acc: &mut [[f32; NR]; MR],
+    src: &[f32],
+    base: usize,
+    off: &[usize],
+    wts: &[f32],
+) {
+    let mut a = *acc;
+    for (&o, wv) in off.iter().zip(wts.chunks_exact(3 * MR)) {
+        let Some(xv) = src.get(base + o..base + o + NR + 2) else {
+            break;
+        };
+        for kx in 0..3 {
+            let mut xb = [0f32; NR];
+            xb.copy_from_slice(&xv[kx..kx + NR]);
+            for j in 0..MR {
+                let wj = wv[kx * MR + j];
+                for i in 0..NR {
+                    a[j][i] += wj * xb[i];
+                }
+            }
+        }
+    }
+    *acc = a;
 }
 
 /// The inner loop: for every tap `t`, `acc[j][i] += w[t][j] · src[base + off[t] + i]`
