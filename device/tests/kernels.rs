@@ -443,3 +443,43 @@ fn large_planes_take_the_panel_path_and_still_match() {
         assert_eq!(bits(&y0), bits(&y2), "shape {i}");
     }
 }
+
+proptest! {
+    /// Max-pooling (the 2×2 fast path and the general loop) against a direct definition.
+    #[test]
+    fn max_pool_matches_definition(
+        c in 1usize..4,
+        ih in 1usize..20,
+        iw in 1usize..40,
+        k in 1usize..4,
+        s in 1usize..4,
+        seed in 1u64..u64::MAX,
+    ) {
+        prop_assume!(k <= ih && k <= iw);
+        let (oh, ow) = ((ih - k) / s + 1, (iw - k) / s + 1);
+        let mut r = Rng(seed);
+        let x: Vec<f32> = (0..c * ih * iw).map(|_| r.f32()).collect();
+        let xi: Vec<i8> = (0..c * ih * iw).map(|_| r.i8()).collect();
+        let mut y = vec![f32::NAN; c * oh * ow];
+        let mut yi = vec![0i8; c * oh * ow];
+        max_pool(c, ih, iw, k, s, &x, oh, ow, &mut y).unwrap();
+        max_pool(c, ih, iw, k, s, &xi, oh, ow, &mut yi).unwrap();
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut m = f32::NEG_INFINITY;
+                    let mut mi = i8::MIN;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let idx = (ch * ih + oy * s + ky) * iw + ox * s + kx;
+                            m = m.max(x[idx]);
+                            mi = mi.max(xi[idx]);
+                        }
+                    }
+                    prop_assert_eq!(y[(ch * oh + oy) * ow + ox].to_bits(), m.to_bits());
+                    prop_assert_eq!(yi[(ch * oh + oy) * ow + ox], mi);
+                }
+            }
+        }
+    }
+}

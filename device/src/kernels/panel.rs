@@ -69,7 +69,9 @@ mod x86 {
     use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv, CpuidResult};
     use core::sync::atomic::{AtomicU8, Ordering};
 
-    use super::{conv2d_body, conv_transpose2d_body, ConvGeom, Params, ShapeError};
+    use super::{
+        conv2d_body, conv_transpose2d_body, conv_transpose2d_s2, ConvGeom, Params, ShapeError,
+    };
 
     /// Zero-padded input planes of the AVX2 instance (64 KiB of stack; hosts only).
     const PAD_BUF: usize = 16 * 1024;
@@ -166,7 +168,11 @@ mod x86 {
             relu: bool,
             y: &mut [f32],
         ) -> Result<(), ShapeError> {
-            conv_transpose2d_body::<16>(g, x, w, bias, relu, y)
+            if g.stride == 2 {
+                conv_transpose2d_s2::<8>(g, x, w, bias, relu, y)
+            } else {
+                conv_transpose2d_body::<16>(g, x, w, bias, relu, y)
+            }
         }
         // SAFETY: only called after `has_avx2()` found AVX2 on this CPU with OS support.
         unsafe { body(g, x, w, bias, relu, y) }
@@ -201,7 +207,154 @@ pub(super) fn conv_transpose2d(
         return x86::conv_transpose2d_avx2(g, x, w, bias, relu, y);
     }
     let _ = simd;
-    conv_transpose2d_body::<8>(g, x, w, bias, relu, y)
+    if g.stride == 2 {
+        conv_transpose2d_s2::<4>(g, x, w, bias, relu, y)
+    } else {
+        conv_transpose2d_body::<8>(g, x, w, bias, relu, y)
+    }
+}
+
+/// [`conv_transpose2d_body`] for stride 2 (U-Net's up-convolutions): both output
+/// phases of a row (`rx = 0, 1`) accumulate in one tile of `MR` channels × `NR` input
+/// pixels and are stored interleaved, `2·NR` contiguous outputs per channel. Same terms
+/// in the same order.
+#[inline(always)]
+fn conv_transpose2d_s2<const NR: usize>(
+    g: &ConvGeom,
+    x: &[f32],
+    w: Params<'_>,
+    bias: Option<Params<'_>>,
+    relu: bool,
+    y: &mut [f32],
+) -> Result<(), ShapeError> {
+    if !(handles_transposed(g) && g.stride == 2) {
+        return Err(ShapeError);
+    }
+    let plane = g.oh * g.ow;
+    let in_plane = g.ih * g.iw;
+    let ic_chunk = (W_BUF / (2 * MR))
+        .min(P_BUF / NR)
+        .min(T_BUF)
+        .clamp(1, g.cin);
+    let mut wbuf = [0f32; W_BUF];
+    let mut poff = [0usize; T_BUF];
+    let mut doff = [0usize; T_BUF];
+    let mut panel = [0f32; P_BUF];
+    for (t, (p, d)) in poff.iter_mut().zip(doff.iter_mut()).enumerate() {
+        *p = t * NR;
+        *d = t * in_plane;
+    }
+    for (blk, ys) in y.chunks_mut(MR * plane).enumerate() {
+        let oc0 = MR * blk;
+        let nb = ys.len() / plane;
+        let mut bv = [0f32; MR];
+        for (j, b) in bv.iter_mut().enumerate().take(nb) {
+            *b = bias.map_or(0.0, |p| p.get(oc0 + j));
+        }
+        let mut ic0 = 0;
+        while ic0 < g.cin {
+            let nic = ic_chunk.min(g.cin - ic0);
+            let (first, last) = (ic0 == 0, ic0 + nic == g.cin);
+            let xs = &x[ic0 * in_plane..(ic0 + nic) * in_plane];
+            for ry in 0..2 {
+                for ici in 0..nic {
+                    for rx in 0..2 {
+                        for j in 0..MR {
+                            wbuf[(ici * 2 + rx) * MR + j] = if j < nb {
+                                w.get(((ic0 + ici) * g.cout + oc0 + j) * 4 + ry * 2 + rx)
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+                let wts = &wbuf[..nic * 2 * MR];
+                for iy in 0..g.ih {
+                    let orow = (2 * iy + ry) * g.ow;
+                    let mut bx = 0;
+                    while bx < g.iw {
+                        let bn = NR.min(g.iw - bx);
+                        let mut acc = [[[0f32; NR]; MR]; 2];
+                        for j in 0..nb {
+                            if first {
+                                acc[0][j] = [bv[j]; NR];
+                                acc[1][j] = [bv[j]; NR];
+                            } else {
+                                let src = &ys[j * plane + orow + 2 * bx..];
+                                for (i, p) in src.chunks_exact(2).take(bn).enumerate() {
+                                    acc[0][j][i] = p[0];
+                                    acc[1][j][i] = p[1];
+                                }
+                            }
+                        }
+                        let base = iy * g.iw + bx;
+                        let (src, base, off): (&[f32], usize, &[usize]) = if bn == NR {
+                            (xs, base, &doff[..nic])
+                        } else {
+                            for ici in 0..nic {
+                                let dst = &mut panel[ici * NR..(ici + 1) * NR];
+                                dst[..bn].copy_from_slice(&xs[ici * in_plane + base..][..bn]);
+                                dst[bn..].fill(0.0);
+                            }
+                            (&panel[..], 0, &poff[..nic])
+                        };
+                        micro_s2(&mut acc, src, base, off, wts);
+                        let r = relu && last;
+                        for j in 0..nb {
+                            let dst = &mut ys[j * plane + orow + 2 * bx..];
+                            let f = |v: f32| if r { relu_f32(v) } else { v };
+                            match dst.get_mut(..2 * NR) {
+                                Some(d) if bn == NR => {
+                                    for (i, p) in d.chunks_exact_mut(2).enumerate() {
+                                        p[0] = f(acc[0][j][i]);
+                                        p[1] = f(acc[1][j][i]);
+                                    }
+                                }
+                                _ => {
+                                    for (i, p) in dst.chunks_exact_mut(2).take(bn).enumerate() {
+                                        p[0] = f(acc[0][j][i]);
+                                        p[1] = f(acc[1][j][i]);
+                                    }
+                                }
+                            }
+                        }
+                        bx += bn;
+                    }
+                }
+            }
+            ic0 += nic;
+        }
+    }
+    Ok(())
+}
+
+/// The inner loop of [`conv_transpose2d_s2`]: for every input channel `t`,
+/// `acc[rx][j][i] += w[t][rx][j] · src[base + off[t] + i]`.
+#[inline(always)]
+fn micro_s2<const NR: usize>(
+    acc: &mut [[[f32; NR]; MR]; 2],
+    src: &[f32],
+    base: usize,
+    off: &[usize],
+    wts: &[f32],
+) {
+    let mut a = *acc;
+    for (&o, wv) in off.iter().zip(wts.chunks_exact(2 * MR)) {
+        let Some(xv) = src.get(base + o..base + o + NR) else {
+            break;
+        };
+        let mut xb = [0f32; NR];
+        xb.copy_from_slice(xv);
+        for rx in 0..2 {
+            for j in 0..MR {
+                let wj = wv[rx * MR + j];
+                for i in 0..NR {
+                    a[rx][j][i] += wj * xb[i];
+                }
+            }
+        }
+    }
+    *acc = a;
 }
 
 /// The transposed-convolution kernel for `NR`-pixel tiles: for every output phase
