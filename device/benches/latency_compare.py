@@ -119,7 +119,7 @@ def time_torch(net, x, threads, runs):
             net(x)
             if i >= 2:
                 ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
+    return float(np.median(ts)), float(np.min(ts))
 
 
 def run_peer(exe, args):
@@ -159,20 +159,25 @@ def main():
         diff_tract = float(tr["max_abs_diff_vs_device"])
         t1 = time_torch(net, x, 1, args.runs)
         t2 = time_torch(net, x, 2, args.runs)
-        rows.append((den, float(dev["median_ms"]), t1, t2, float(tr["median_ms"]),
-                     diff_torch, diff_tract))
+        rows.append((den, (float(dev["median_ms"]), float(dev["min_ms"])), t1, t2,
+                     (float(tr["median_ms"]), float(tr["min_ms"])), diff_torch, diff_tract))
         if max(diff_torch, diff_tract) > TOL:
             print(f"WARNING: alpha=1/{den}: logits differ by more than {TOL}", file=sys.stderr)
     print()
-    print(f"U-Net, 1 input channel, {args.side}x{args.side}, f32, median of {args.runs} runs "
-          f"(torch {torch.__version__}, {os.cpu_count()} CPUs)")
-    print("| alpha | device 1T ms | PyTorch 1T ms | PyTorch 2T ms | tract 1T ms "
-          "| device/PyTorch 1T | device/PyTorch 2T | device/tract 1T | max abs diff torch, tract |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for den, dv, t1, t2, tr, d1, d2 in rows:
-        print(f"| 1/{den} | {dv:.2f} | {t1:.2f} | {t2:.2f} | {tr:.2f} | {dv / t1:.2f} "
-              f"| {dv / t2:.2f} | {dv / tr:.2f} | {d1:.1e}, {d2:.1e} |")
-
+    load = os.getloadavg()
+    print(f"U-Net, 1 input channel, {args.side}x{args.side}, f32, {args.runs} runs after 2 warm-up "
+          f"runs (torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end)")
+    for k, what in ((0, "median"), (1, "minimum")):
+        print(f"\n{what} ms:")
+        print("| alpha | device 1T | PyTorch 1T | PyTorch 2T | tract 1T "
+              "| device/PyTorch 1T | device/PyTorch 2T | device/tract 1T "
+              "| max abs logit diff vs device: torch, tract |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for den, dv, t1, t2, tr, d1, d2 in rows:
+            dv, t1, t2, tr = dv[k], t1[k], t2[k], tr[k]
+            print(f"| 1/{den} | {dv:.2f} | {t1:.2f} | {t2:.2f} | {tr:.2f} | {dv / t1:.2f} "
+                  f"| {dv / t2:.2f} | {dv / tr:.2f} | {d1:.1e}, {d2:.1e} |")
 
 if __name__ == "__main__":
     main()

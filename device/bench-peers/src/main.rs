@@ -405,7 +405,8 @@ fn tract(args: &[String]) -> Res<()> {
         }
         out = Some(o);
     }
-    let mut line = format!("median_ms={:.3}", median(times));
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let mut line = format!("median_ms={:.3} min_ms={min:.3}", median(times));
     if let (Some(p), Some(out)) = (args.get(4), out) {
         let want = read_f32(p)?;
         let got = out[0].to_array_view::<f32>().map_err(e)?;
