@@ -8,10 +8,10 @@
 //! bit-identical results, in `f32` as well as in int8; the tests check this on random
 //! shapes.
 //!
-//! Stride-1 f32 convolutions run the register-blocked panel kernel of the `panel`
-//! submodule (also compiled for AVX2 on x86_64 and picked at run time); it is
-//! bit-identical to the reference too. That submodule holds the crate's only `unsafe`
-//! code (CPU feature probing and the call into the AVX2 instance). Kernels check their
+//! Stride-1 f32 convolutions and up-convolutions run the register-blocked panel kernels
+//! of the `panel` submodule (also compiled for AVX2 on x86_64 and picked at run time);
+//! they are bit-identical to the reference too. That submodule holds the crate's only
+//! `unsafe` code (CPU feature probing and the calls into the AVX2 instances). Kernels check their
 //! slice lengths against the geometry first and return [`ShapeError`] instead of
 //! panicking.
 

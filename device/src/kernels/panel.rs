@@ -15,9 +15,8 @@
 //! On x86_64 the same kernel is also compiled for AVX2 (`NR = 16`, two 8-lane registers
 //! per channel) and chosen at run time from `cpuid`, without `std`; elsewhere it runs
 //! with `NR = 8` as the target's vector unit allows. The only `unsafe` code of the crate
-//! lives here: the `cpuid`/`xgetbv` reads and the call into the AVX2 instance.
-
-#![allow(unsafe_code)]
+//! lives here, in the `x86` submodule: the `cpuid`/`xgetbv` reads and the calls into
+//! the AVX2 instances.
 
 use super::{relu_f32, ConvGeom, Params, ShapeError};
 
@@ -65,6 +64,7 @@ pub(super) fn conv2d(
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod x86 {
     use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv, CpuidResult};
     use core::sync::atomic::{AtomicU8, Ordering};
@@ -122,7 +122,8 @@ mod x86 {
         _xgetbv(0)
     }
 
-    /// The panel kernel compiled for AVX2 with 16-pixel tiles.
+    /// The convolution kernels compiled for AVX2 with 16-pixel tiles (padded planes when
+    /// they fit [`PAD_BUF`], the panel path otherwise); an error without AVX2.
     pub(super) fn conv2d_avx2(
         g: &ConvGeom,
         x: &[f32],
@@ -146,11 +147,15 @@ mod x86 {
                 conv2d_body::<16>(g, x, w, bias, relu, y)
             }
         }
-        // SAFETY: only called after `has_avx2()` found AVX2 on this CPU with OS support.
+        if !has_avx2() {
+            return Err(ShapeError);
+        }
+        // SAFETY: `has_avx2()` just found AVX2 on this CPU, with OS support for YMM state.
         unsafe { body(g, x, w, bias, relu, y) }
     }
 
-    /// The transposed-convolution kernel compiled for AVX2 with 16-pixel tiles.
+    /// The transposed-convolution kernels compiled for AVX2 (stride 2: 8 input pixels ×
+    /// 2 phases a tile; other strides: 16-pixel tiles).
     pub(super) fn conv_transpose2d_avx2(
         g: &ConvGeom,
         x: &[f32],
@@ -174,7 +179,10 @@ mod x86 {
                 conv_transpose2d_body::<16>(g, x, w, bias, relu, y)
             }
         }
-        // SAFETY: only called after `has_avx2()` found AVX2 on this CPU with OS support.
+        if !has_avx2() {
+            return Err(ShapeError);
+        }
+        // SAFETY: `has_avx2()` just found AVX2 on this CPU, with OS support for YMM state.
         unsafe { body(g, x, w, bias, relu, y) }
     }
 }
