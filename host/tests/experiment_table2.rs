@@ -139,3 +139,49 @@ fn table2_trains_packs_and_resumes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn table2_runs_for_fcn_and_cumedvision() {
+    let dir = scratch("experiment", "archs");
+    let data = dir.join("discs");
+    disc_dataset(&data, 8, 5);
+    let out = dir.join("exp");
+    let (ok, _, stderr) = ccnet(&[
+        "experiment",
+        "table2",
+        "--datasets",
+        &s(&data),
+        "--archs",
+        "fcn,cumed",
+        "--size",
+        "32",
+        "--steps",
+        "3",
+        "--finetune-steps",
+        "2",
+        "--prune-rounds",
+        "1",
+        "--keep",
+        "0.5",
+        "--out",
+        &s(&out),
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    for arch in ["fcn", "cumed"] {
+        let json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(arch).join("tables.json")).unwrap(),
+        )
+        .unwrap();
+        let rows = json["datasets"][0]["rows"].as_array().unwrap();
+        assert!(rows.len() >= 7, "{arch}: {rows:?}");
+        let params = |m: &str| {
+            rows.iter().find(|r| r["method"] == m).unwrap()["params"]
+                .as_u64()
+                .unwrap()
+        };
+        assert!(params("base + squeeze") < params("base"), "{arch}");
+        assert!(rows.iter().all(|r| r["file_bytes"].as_u64().unwrap() > 0));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
