@@ -31,8 +31,11 @@ const P_BUF: usize = 1152;
 
 /// Whether the panel kernel handles this geometry with `NR`-pixel tiles.
 fn applicable<const NR: usize>(g: &ConvGeom) -> bool {
-    let pw = NR + (g.k - 1) * g.dil;
-    g.stride == 1 && g.k * g.k <= T_BUF && g.k * pw <= P_BUF
+    // Saturating: any geometry may be asked about (on 32-bit targets too).
+    let pw = (g.k.saturating_sub(1))
+        .saturating_mul(g.dil)
+        .saturating_add(NR);
+    g.stride == 1 && g.k.saturating_mul(g.k) <= T_BUF && g.k.saturating_mul(pw) <= P_BUF
 }
 
 /// Whether [`conv2d`] takes this geometry (otherwise the caller uses another kernel).
@@ -191,7 +194,10 @@ mod x86 {
 /// so every output pixel has exactly one tap per input channel (`s²` 1×1 convolutions,
 /// one per output phase).
 pub(super) fn handles_transposed(g: &ConvGeom) -> bool {
-    g.k == g.stride && g.pad == 0 && g.oh == g.ih * g.k && g.ow == g.iw * g.k
+    g.k == g.stride
+        && g.pad == 0
+        && g.oh == g.ih.saturating_mul(g.k)
+        && g.ow == g.iw.saturating_mul(g.k)
 }
 
 /// The transposed convolution of [`handles_transposed`] geometries, bit-identical to
@@ -569,8 +575,9 @@ fn conv2d_body<const NR: usize>(
 /// zero-padded input plane and a tile's overrun fit.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn padded_fits<const NR: usize, const PB: usize>(g: &ConvGeom) -> bool {
-    let ppl = (g.ih + 2 * g.pad) * (g.iw + 2 * g.pad);
-    g.stride == 1 && g.k * g.k <= T_BUF && ppl + NR <= PB
+    let side = |v: usize| v.saturating_add(g.pad.saturating_mul(2));
+    let ppl = side(g.ih).saturating_mul(side(g.iw));
+    g.stride == 1 && g.k.saturating_mul(g.k) <= T_BUF && ppl.saturating_add(NR) <= PB
 }
 
 /// The stride-1 kernel for inputs whose zero-padded planes fit a `PB`-float stack
