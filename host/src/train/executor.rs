@@ -19,6 +19,7 @@ use ccnet_shared::graph::{Graph, Op, ParamRole};
 
 use super::batch_norm;
 use super::conv;
+use super::init;
 use super::rng::Rng;
 
 /// Batch-norm running-statistics momentum (PyTorch's default).
@@ -60,9 +61,10 @@ fn logits_node(nodes: &[Op]) -> usize {
 }
 
 impl Network {
-    /// Builds the network with freshly initialised parameters: He-normal convolution
-    /// weights (from `rng`, so a seed fixes them), zero biases, batch norm `gamma = 1`,
-    /// `beta = 0`, running mean 0 and variance 1.
+    /// Builds the network with freshly initialised parameters ([`init`]): He-normal
+    /// convolution weights (from `rng`, so a seed fixes them), bilinear class-score
+    /// up-sampling, zero biases, batch norm `gamma = 1`, `beta = 0`, running mean 0 and
+    /// variance 1.
     pub fn new(nodes: &[Op], device: &Device, rng: &mut Rng) -> Result<Network> {
         let graph = Graph::new_with_scratch(nodes, &mut vec![0; nodes.len()])
             .map_err(|e| anyhow!("invalid graph: {e}"))?;
@@ -73,23 +75,7 @@ impl Network {
                 let name = tensor_name(&graph, id, role)?;
                 let shape = natural_shape(role, dims);
                 let n: usize = shape.iter().product();
-                let data: Vec<f32> = match role {
-                    ParamRole::Weight => {
-                        let fan_in = match *op {
-                            Op::Conv2d(c) => c.in_channels * u32::from(c.kernel).pow(2),
-                            Op::ConvTranspose2d(c) => {
-                                let k2 = u32::from(c.kernel).pow(2);
-                                let s2 = u32::from(c.stride).pow(2).max(1);
-                                (c.in_channels * k2 / s2).max(1)
-                            }
-                            _ => 1,
-                        };
-                        let std = (2.0 / f64::from(fan_in)).sqrt();
-                        (0..n).map(|_| (rng.normal() * std) as f32).collect()
-                    }
-                    ParamRole::Gamma | ParamRole::RunningVar => vec![1.0; n],
-                    _ => vec![0.0; n],
-                };
+                let data = init::initial_values(op, role, n, rng);
                 let t = Tensor::from_vec(data, shape, device)?;
                 params.insert(name.clone(), Var::from_tensor(&t)?);
                 if role.is_trainable() {

@@ -7,6 +7,7 @@
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
 //! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
+//! * [`init`]: initial parameter values (He-normal, bilinear score up-sampling).
 //! * [`infer`]: tiled inference over full-size images.
 //! * [`checkpoint`], [`run`]: the run folder, the training loop, resume.
 //! * [`evaluate`]: `ccnet eval`'s per-image metrics, latency and overlays.
@@ -18,6 +19,7 @@ pub mod data;
 pub mod evaluate;
 pub mod executor;
 pub mod infer;
+pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
