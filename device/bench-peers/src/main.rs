@@ -1,6 +1,6 @@
 //! The device engine's peers on the host, driven by `device/benches/latency_compare.py`.
 //!
-//! - `gen DIR DEN... ` writes, for each width multiplier `1/DEN`, the U-Net with
+//! - `gen DIR SIDE DEN...` writes, for each width multiplier `1/DEN`, the U-Net with
 //!   deterministic He-uniform weights (every ReLU fused into its convolution, as packing
 //!   does) as an f32 container `unet_aDEN.ccn`, the same graph and weights for PyTorch
 //!   (`unet_aDEN.json`: the graph as serde JSON plus every tensor's offset and
