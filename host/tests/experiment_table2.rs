@@ -5,22 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{disc_dataset, s, scratch};
-
-fn ccnet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ccnet"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("ccnet runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{ccnet, disc_dataset, s, scratch};
 
 #[test]
 fn table2_trains_packs_and_resumes() {

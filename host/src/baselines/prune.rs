@@ -254,29 +254,31 @@ pub fn remove_filters(
         let node = id as NodeId;
         let name = |role| key(&old, node, role).unwrap_or_default();
         let get = |role| tensor(weights, &old, node, role);
+        let transposed = matches!(op, Op::ConvTranspose2d(_));
         match op {
-            Op::Conv2d(c) => {
-                let ins = &kept[c.input as usize];
+            Op::Conv2d(ccnet_shared::graph::Conv2d {
+                input,
+                in_channels,
+                out_channels,
+                bias,
+                ..
+            })
+            | Op::ConvTranspose2d(ccnet_shared::graph::ConvTranspose2d {
+                input,
+                in_channels,
+                out_channels,
+                bias,
+                ..
+            }) => {
+                let ins = &kept[*input as usize];
                 let outs = &kept[id];
-                c.in_channels = ins.len() as u32;
-                c.out_channels = outs.len() as u32;
-                let w = select_axis(&select_axis(get(ParamRole::Weight)?, 0, outs), 1, ins);
+                *in_channels = ins.len() as u32;
+                *out_channels = outs.len() as u32;
+                // Weights are [out, in, k, k], or [in, out, k, k] when transposed.
+                let (first, second) = if transposed { (ins, outs) } else { (outs, ins) };
+                let w = select_axis(&select_axis(get(ParamRole::Weight)?, 0, first), 1, second);
                 out.insert(name(ParamRole::Weight), w);
-                if c.bias {
-                    out.insert(
-                        name(ParamRole::Bias),
-                        select_axis(get(ParamRole::Bias)?, 0, outs),
-                    );
-                }
-            }
-            Op::ConvTranspose2d(c) => {
-                let ins = &kept[c.input as usize];
-                let outs = &kept[id];
-                c.in_channels = ins.len() as u32;
-                c.out_channels = outs.len() as u32;
-                let w = select_axis(&select_axis(get(ParamRole::Weight)?, 0, ins), 1, outs);
-                out.insert(name(ParamRole::Weight), w);
-                if c.bias {
+                if *bias {
                     out.insert(
                         name(ParamRole::Bias),
                         select_axis(get(ParamRole::Bias)?, 0, outs),

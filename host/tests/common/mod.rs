@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests that run `ccnet` on generated data.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use image::{GrayImage, Luma};
 
@@ -43,4 +44,19 @@ pub fn disc_dataset(dir: &Path, n: u32, seed: u32) {
             .save(dir.join(format!("masks/p{i}.png")))
             .unwrap();
     }
+}
+
+/// Runs the `ccnet` binary with two worker threads: (success, stdout, stderr).
+#[allow(dead_code)] // not every test file that shares these helpers runs the binary so
+pub fn ccnet(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ccnet"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("ccnet runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
