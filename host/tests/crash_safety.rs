@@ -352,3 +352,25 @@ fn killed_calibration_skips_finished_runs() {
     json(&cal);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A kill after the last checkpoint but before its `metrics.json` (which then still
+/// says `running`): resuming writes the finished record instead of leaving the run
+/// unfinished for ever.
+#[test]
+fn a_run_killed_after_its_last_checkpoint_is_finished_on_resume() {
+    let root = common::scratch("crash-safety", "last-epoch");
+    let data = root.join("data");
+    dataset(&data, 8, 4);
+    let run = root.join("run");
+    finish(&mut train_cmd(&data, &run));
+    let metrics = run.join("metrics.json");
+    let done = json(&metrics);
+    assert_eq!(done["stopped"], "max_epochs");
+    let mut stale = done.clone();
+    stale["stopped"] = "running".into();
+    stale["history"].as_array_mut().unwrap().pop();
+    std::fs::write(&metrics, serde_json::to_string(&stale).unwrap()).unwrap();
+    finish(ccnet().args(["train", "--resume", "--quiet", "--out", &s(&run)]));
+    assert_eq!(json(&metrics), done);
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -79,6 +79,13 @@ pub fn prunable(graph: &[Op]) -> Result<Vec<NodeId>> {
             fixed.extend(origins[a as usize].iter().map(|o| o.0));
             fixed.extend(origins[b as usize].iter().map(|o| o.0));
         }
+        // Class scores up-sampled on their way to the output (FCN-8s, CUMedVision):
+        // the score convolution's channels are classes too.
+        if let Op::ConvTranspose2d(c) = *op {
+            if crate::train::init::is_score_upsampling(op) {
+                fixed.extend(origins[c.input as usize].iter().map(|o| o.0));
+            }
+        }
     }
     Ok(graph
         .iter()
@@ -167,6 +174,7 @@ pub fn choose_filters(
     if !(0.0..1.0).contains(&fraction) {
         bail!("the pruning fraction per round must be in [0, 1), got {fraction}");
     }
+    check_complete(graph, weights)?;
     let mut remove = BTreeMap::new();
     for node in prunable(graph)? {
         let scores = filter_scores(graph, weights, node)?;
@@ -230,11 +238,11 @@ pub fn remove_filters(
             bail!("node {node}: invalid filters to remove {filters:?} of {n}");
         }
     }
-    let removed = |o: &Origin| {
-        remove
-            .get(&o.0)
-            .is_some_and(|f| f.binary_search(&o.1).is_ok())
-    };
+    let sets: BTreeMap<NodeId, BTreeSet<u32>> = remove
+        .iter()
+        .map(|(n, f)| (*n, f.iter().copied().collect()))
+        .collect();
+    let removed = |o: &Origin| sets.get(&o.0).is_some_and(|f| f.contains(&o.1));
     let origins = channel_origins(graph)?;
     // Positions kept in every node's output.
     let kept: Vec<Vec<usize>> = origins
@@ -463,6 +471,31 @@ mod tests {
         let p0 = Graph::new_unchecked(&g).trainable_params();
         let p1 = Graph::new_unchecked(&g2).trainable_params();
         assert!(p1 < p0);
+    }
+
+    #[test]
+    fn class_score_channels_are_never_pruned() {
+        for arch in [Arch::Fcn, Arch::Cumed] {
+            let (g, w) = network(arch, "1/16", true);
+            for node in prunable(&g).unwrap() {
+                let out = match g[node as usize] {
+                    Op::Conv2d(c) => c.out_channels,
+                    Op::ConvTranspose2d(c) => c.out_channels,
+                    _ => 0,
+                };
+                assert!(
+                    out > 2,
+                    "{arch}: node {node} with {out} channels is prunable"
+                );
+            }
+            // Even a large fraction leaves the two class channels everywhere.
+            let (g2, _, _) = prune_round(&g, &w, 0.5).unwrap();
+            for op in &g2 {
+                if let Op::ConvTranspose2d(c) = op {
+                    assert_eq!((c.in_channels, c.out_channels), (2, 2), "{arch}");
+                }
+            }
+        }
     }
 
     #[test]

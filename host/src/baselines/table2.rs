@@ -72,6 +72,15 @@ pub struct Settings {
     pub seed: u64,
     /// Calibration file used for the selection.
     pub calibration: PathBuf,
+    /// CRC-32 of that file's contents: a folder belongs to one calibration, wherever
+    /// the command is run from.
+    pub calibration_crc: u32,
+}
+
+/// CRC-32 of a file's contents.
+pub fn file_crc(path: &Path) -> Result<u32> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(&bytes))
 }
 
 /// One row of Table 2 with the Table 3 figures of the same network.
@@ -123,8 +132,8 @@ pub struct DatasetResult {
     pub case1: (String, f64),
     /// One grid step smaller, with its predicted relative F1.
     pub case1_minus: Option<(String, f64)>,
-    /// α chosen for case 2.
-    pub case2: String,
+    /// α chosen for case 2 (none when no grid α fits the budget).
+    pub case2: Option<String>,
     /// Validation F1 the pruning rounds must keep (`keep` × base F1).
     pub prune_target_f1: f64,
     /// The rows.
@@ -152,20 +161,22 @@ pub fn claim_folder(dir: &Path, s: &Settings) -> Result<()> {
         let theirs: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid contents", path.display()))?;
         let mine = serde_json::to_value(s)?;
-        if theirs != mine {
-            let differ: Vec<String> = mine
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| theirs.get(k.as_str()) != Some(v))
-                .map(|(k, v)| {
-                    format!(
-                        "{k}: {} here, {} there",
-                        v,
-                        theirs.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
-                    )
-                })
-                .collect();
+        // The calibration is compared by content (its path depends on where the
+        // command runs).
+        let differ: Vec<String> = mine
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| k.as_str() != "calibration" && theirs.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} here, {} there",
+                    v,
+                    theirs.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect();
+        if !differ.is_empty() {
             bail!(
                 "{}: this folder holds an experiment with other settings ({}); use another --out or the same settings",
                 dir.display(),
@@ -182,8 +193,10 @@ pub fn claim_folder(dir: &Path, s: &Settings) -> Result<()> {
 /// The training recipe for `steps` steps at crop side `size`.
 pub fn recipe(size: u32, steps: usize) -> Recipe {
     let mut r = Recipe::robust([size, size]);
-    r.steps_per_epoch = r.steps_per_epoch.min(steps.max(1));
-    r.epochs = steps.max(1).div_ceil(r.steps_per_epoch);
+    let steps = steps.max(1);
+    r.epochs = steps.div_ceil(r.steps_per_epoch.min(steps));
+    // Epochs of equal length that add up to `steps` (or at most epochs − 1 more).
+    r.steps_per_epoch = steps.div_ceil(r.epochs);
     r.warmup_steps = r.warmup_steps.min(r.total_steps() / 4);
     r.patience = 0;
     r
@@ -309,6 +322,17 @@ impl Ctx<'_> {
             }
             let dir = chain.join(format!("round-{round}"));
             let init = chain.join(format!("round-{round}.init.safetensors"));
+            if let Ok(done) = read_json::<RunConfig>(&config_path(&dir)) {
+                if done.graph.as_ref() != Some(&g) {
+                    bail!(
+                        "{}: this pruning round was made from another network than the one this \
+                         experiment prunes now (was the pruning code or an earlier round changed?); \
+                         remove {} to prune again",
+                        dir.display(),
+                        chain.display()
+                    );
+                }
+            }
             if run::finished(&dir).is_none() && !run::checkpoint_path(&dir).exists() {
                 save_safetensors(&init, &w, &HashMap::new())?;
             }
@@ -344,6 +368,18 @@ impl Ctx<'_> {
 
     /// Packs the run in `dir` and evaluates the file on the run's validation images.
     fn row(&self, method: &str, alpha: Alpha, dir: &Path, total_seconds: f64) -> Result<Row> {
+        self.row_within(method, alpha, dir, total_seconds, None)
+    }
+
+    /// [`Ctx::row`] whose packed file must fit `budget` bytes.
+    fn row_within(
+        &self,
+        method: &str,
+        alpha: Alpha,
+        dir: &Path,
+        total_seconds: f64,
+        budget: Option<u64>,
+    ) -> Result<Row> {
         let (cfg, model) = deployed_model(dir)?;
         let metrics: RunMetrics = read_json(&dir.join("metrics.json"))?;
         let tile = tile_for(&model, None)?;
@@ -366,7 +402,7 @@ impl Ctx<'_> {
         let calibration = if quant == Quant::Int8 {
             calibration_inputs(
                 &geometry,
-                &cfg.dataset_dir,
+                self.dataset_dir,
                 Some(&cfg.split.train),
                 8,
                 self.arch.input_multiple(),
@@ -374,10 +410,10 @@ impl Ctx<'_> {
         } else {
             Vec::new()
         };
-        let bytes = pack_calibrated(&model, quant, None, &info, &calibration)?;
+        let bytes = pack_calibrated(&model, quant, budget, &info, &calibration)?;
         write_atomic(&dir.join("model.ccn"), &bytes)
             .with_context(|| format!("{}: cannot write", dir.join("model.ccn").display()))?;
-        let eval = evaluate_packed(&bytes, &cfg.dataset_dir, &cfg.split.val)?;
+        let eval = evaluate_packed(&bytes, self.dataset_dir, &cfg.split.val)?;
         let params = Graph::new_unchecked(&model.graph).trainable_params();
         let n = metrics.history.len().max(1) as f64;
         let sps = metrics
@@ -395,7 +431,8 @@ impl Ctx<'_> {
             f1: eval.mean.f1,
             iu: eval.mean.iu,
             float_f1: metrics.best_val_f1,
-            seconds_per_epoch: sps * cfg.recipe.steps_per_epoch as f64,
+            // One epoch = the from-scratch recipe's epoch, for every row alike.
+            seconds_per_epoch: sps * recipe(self.s.size, self.s.steps).steps_per_epoch as f64,
             pruning_epochs: 0,
             pruning_rounds: None,
             total_seconds,
@@ -453,7 +490,15 @@ pub fn run_dataset(
     })?;
     let grid = grid(base)?;
     let c1 = select(s, arch, dataset_dir, &grid, true)?;
-    let c2 = select(s, arch, dataset_dir, &grid, false)?;
+    // A disk budget no grid α meets leaves out the case-2 row (with the reason), not the
+    // whole dataset.
+    let c2 = match select(s, arch, dataset_dir, &grid, false) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            eprintln!("case 2 left out: {e:#}");
+            None
+        }
+    };
     let case1 = c1.selection.chosen.alpha;
     let minus = c1
         .selection
@@ -462,7 +507,7 @@ pub fn run_dataset(
         .filter(|c| c.alpha.value() < case1.value())
         .max_by(|a, b| a.alpha.value().total_cmp(&b.alpha.value()))
         .cloned();
-    let case2 = c2.selection.chosen.alpha;
+    let case2 = c2.map(|c| c.selection.chosen.alpha);
     let ctx = Ctx {
         s,
         arch,
@@ -471,10 +516,11 @@ pub fn run_dataset(
         opts,
     };
     ctx.say(&format!(
-        "{}: base α {base}, case 1 α {case1} (predicted {:.1} % of base F1), case 1 − one step {}, case 2 α {case2}",
+        "{}: base α {base}, case 1 α {case1} (predicted {:.1} % of base F1), case 1 − one step {}, case 2 α {}",
         c1.dataset,
         100.0 * c1.selection.chosen.rel_f1,
-        minus.as_ref().map(|m| m.alpha.to_string()).unwrap_or_else(|| "none".into())
+        minus.as_ref().map(|m| m.alpha.to_string()).unwrap_or_else(|| "none".into()),
+        case2.map(|a| a.to_string()).unwrap_or_else(|| "none".into())
     ));
     let (base_dir, base_m) = ctx.plain(base)?;
     let target = s.keep * base_m.best_val_f1;
@@ -499,13 +545,16 @@ pub fn run_dataset(
     r.pruning_epochs = epochs;
     r.pruning_rounds = Some(rounds);
     rows.push(r);
-    let (d, m) = ctx.plain(case2)?;
-    rows.push(ctx.row(
-        &format!("CC-Net case 2 ({})", human_bytes(s.disk)),
-        case2,
-        &d,
-        m.seconds,
-    )?);
+    if let Some(case2) = case2 {
+        let (d, m) = ctx.plain(case2)?;
+        rows.push(ctx.row_within(
+            &format!("CC-Net case 2 ({})", human_bytes(s.disk)),
+            case2,
+            &d,
+            m.seconds,
+            Some(s.disk),
+        )?);
+    }
     Ok(DatasetResult {
         dataset: c1.dataset.clone(),
         dataset_dir: dataset_dir.to_path_buf(),
@@ -514,7 +563,7 @@ pub fn run_dataset(
         base_alpha: base.to_string(),
         case1: (case1.to_string(), c1.selection.chosen.rel_f1),
         case1_minus: minus.map(|m| (m.alpha.to_string(), m.rel_f1)),
-        case2: case2.to_string(),
+        case2: case2.map(|a| a.to_string()),
         prune_target_f1: target,
         rows,
     })
@@ -603,14 +652,16 @@ pub fn markdown(r: &Report) -> String {
                 .as_ref()
                 .map(|(a, p)| format!(", one step smaller α = {a} (predicted {:.1} %)", 100.0 * p))
                 .unwrap_or_default(),
-            d.case2,
+            d.case2.as_deref().unwrap_or("none (no grid α fits)"),
             d.prune_target_f1
         );
     }
     md += "\n### Table 3\n\nTraining time on this machine's CPU: seconds per epoch of the final network \
-           (training steps only), fine-tuning epochs spent pruning, and total training time \
-           (for pruned rows: the base network's training plus every pruning round tried).\n\n";
-    md += "| dataset | method | s / epoch | pruning epochs | total training s |\n|---|---|---|---|---|\n";
+           (training steps only; one epoch = the from-scratch recipe's epoch for every row), \
+           fine-tuning epochs spent pruning, and total wall time of training with its \
+           validation passes (for pruned rows: the base network's plus every pruning round tried).\n\n";
+    md +=
+        "| dataset | method | s / epoch | pruning epochs | total wall s |\n|---|---|---|---|---|\n";
     for d in &r.datasets {
         for x in &d.rows {
             md += &format!(
@@ -669,6 +720,8 @@ mod tests {
     fn recipes_fit_the_step_counts() {
         let r = recipe(64, 400);
         assert_eq!((r.steps_per_epoch, r.epochs, r.total_steps()), (50, 8, 400));
+        let r = recipe(64, 120);
+        assert_eq!((r.steps_per_epoch, r.epochs, r.total_steps()), (40, 3, 120));
         let r = recipe(64, 6);
         assert_eq!((r.steps_per_epoch, r.epochs), (6, 1));
         assert!(r.warmup_steps <= 1);

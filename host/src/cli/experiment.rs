@@ -10,7 +10,7 @@ use super::select::default_calibration;
 use super::train::dataset_dir;
 use super::values;
 use crate::baselines::squeeze::DEFAULT_SQUEEZE_RATIO;
-use crate::baselines::table2::{markdown, run_experiment, Settings};
+use crate::baselines::table2::{file_crc, markdown, run_experiment, Settings};
 use crate::train::run::{self, LoopOptions};
 
 /// Arguments of `ccnet experiment`.
@@ -123,6 +123,10 @@ fn table2(a: &Table2Args) -> Result<()> {
         if let Err(e) = arch.check_input(a.size, a.size) {
             bail!("--size {} for {arch}: {e}", a.size);
         }
+        let calibration = a
+            .calibration
+            .clone()
+            .unwrap_or_else(|| default_calibration(arch));
         let settings = Settings {
             arch: arch.name().to_string(),
             size: a.size,
@@ -135,10 +139,8 @@ fn table2(a: &Table2Args) -> Result<()> {
             disk: a.disk,
             bits: a.bits,
             seed: a.seed,
-            calibration: a
-                .calibration
-                .clone()
-                .unwrap_or_else(|| default_calibration(arch)),
+            calibration_crc: file_crc(&calibration)?,
+            calibration,
         };
         let out = a.out.join(arch.name());
         let report = run_experiment(&settings, &dirs, &out, &opts)?;

@@ -106,7 +106,15 @@ pub fn deployed_model(run: &Path) -> Result<(RunConfig, FloatModel)> {
     let weights = load_safetensors(&weights_path(run))?;
     let folded = fold_batch_norm(&FloatModel { graph, weights })
         .with_context(|| format!("{}", weights_path(run).display()))?;
-    Ok((cfg, fuse_relu(&folded)))
+    let deployed = fuse_relu(&folded);
+    // The device runs at most MAX_NODES nodes (a training graph may have more).
+    ccnet_shared::graph::Graph::new(&deployed.graph).map_err(|e| {
+        anyhow!(
+            "{}: the deployed network cannot be packed: {e}",
+            config_path(run).display()
+        )
+    })?;
+    Ok((cfg, deployed))
 }
 
 /// The input geometry a run was trained with, for a `tile`.

@@ -477,7 +477,13 @@ fn run_loop(
     opts: &LoopOptions,
 ) -> Result<RunMetrics> {
     let r = &cfg.recipe;
-    if st.metrics.stopped == "early_stop" {
+    if st.metrics.stopped == "early_stop" || st.epoch >= r.epochs {
+        // Finished; killed perhaps between the last checkpoint and its metrics file,
+        // which is written again so the run reads as finished.
+        if st.metrics.stopped == "running" || st.metrics.stopped == "interrupted" {
+            st.metrics.stopped = "max_epochs".into();
+        }
+        write_metrics(out, cfg, &st.metrics)?;
         return Ok(st.metrics);
     }
     let arch = cfg.arch_config()?.arch;
