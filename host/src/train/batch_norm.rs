@@ -23,7 +23,9 @@
 //!
 //! [`composed_train`] / [`composed_eval`] are the same computations written with candle
 //! tensor ops (the executor's previous batch norm, differentiated by candle's autograd);
-//! `CCNET_BN=candle` (or [`set_mode`]`(Mode::Candle)`) makes the executor use them.
+//! `CCNET_BN=candle` (or [`set_mode`]`(Some(Mode::Candle))`) makes the executor use them
+//! (and candle's broadcast add for biases instead of [`super::conv::BiasAdd`]: the mode
+//! covers all of the executor's fused element-wise ops).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,9 +39,11 @@ use super::conv;
 /// Which batch norm the executor uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// [`BatchNormOp`], with the following ReLU fused in when it is the only reader.
+    /// [`BatchNormOp`], with the following ReLU fused in when it is the only reader, and
+    /// [`super::conv::BiasAdd`] for biases.
     Fused,
-    /// candle tensor ops ([`composed_train`], [`composed_eval`]) and candle's ReLU.
+    /// candle tensor ops ([`composed_train`], [`composed_eval`]), candle's ReLU and
+    /// broadcast bias add.
     Candle,
 }
 
