@@ -235,7 +235,14 @@ impl Network {
                     kernel,
                     stride,
                 } => {
-                    get(input)?.max_pool2d_with_stride(usize::from(kernel), usize::from(stride))?
+                    // Exact mode: the whole gradient to each window's first maximum
+                    // (candle's pool scales it by the share of maxima; see `pool`).
+                    let (t, k, s) = (get(input)?, usize::from(kernel), usize::from(stride));
+                    if super::pool::use_exact(t) {
+                        super::pool::max_pool2d(t, k, s)?
+                    } else {
+                        t.max_pool2d_with_stride(k, s)?
+                    }
                 }
                 Op::Upsample { input, factor } => {
                     let t = get(input)?;

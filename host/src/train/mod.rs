@@ -4,6 +4,7 @@
 //! * [`executor`]: one interpreter of the graph for every architecture.
 //! * [`conv`]: fast CPU convolutions (im2col / col2im ops and candle's matmul).
 //! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
+//! * [`pool`]: exact CPU max-pool (the whole gradient to each window's first maximum).
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
 //! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
@@ -23,6 +24,7 @@ pub mod init;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod pool;
 pub mod recipe;
 pub mod rng;
 pub mod run;
