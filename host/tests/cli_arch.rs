@@ -1,18 +1,8 @@
 //! `ccnet arch` end to end, and the clear errors for bad architecture arguments.
 
-use std::process::Command;
+mod common;
 
-fn ccnet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ccnet"))
-        .args(args)
-        .output()
-        .expect("ccnet runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::ccnet;
 
 #[test]
 fn reports_the_paper_base_sizes() {

@@ -3,21 +3,11 @@
 //! `ccnet pack` (int8 within a budget, verified with the device engine; refusal leaves
 //! no file). Run in release mode: it trains four tiny networks.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn ccnet(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ccnet"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("ccnet runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::ccnet;
+
+use std::path::{Path, PathBuf};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ccnet-compress-{name}-{}", std::process::id()));

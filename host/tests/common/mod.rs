@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests that run `ccnet` on generated data.
 
+// Each test file uses some of the helpers.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -47,7 +50,6 @@ pub fn disc_dataset(dir: &Path, n: u32, seed: u32) {
 }
 
 /// Runs the `ccnet` binary with two worker threads: (success, stdout, stderr).
-#[allow(dead_code)] // not every test file that shares these helpers runs the binary so
 pub fn ccnet(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ccnet"))
         .args(args)
