@@ -239,6 +239,9 @@ fn tiny_unet_trains_the_same_with_either_batch_norm() -> Result<()> {
     let fg = Tensor::from_vec(fg, (n, 1, s, s), &Device::Cpu)?;
     let y = Tensor::cat(&[&fg.affine(-1.0, 1.0)?, &fg], 1)?;
     let mut runs = Vec::new();
+    // Only the batch norms differ between the two runs: candle's pool in both (the
+    // exact pool's sharper gradients amplify rounding differences past the tolerance).
+    ccnet_host::train::pool::set_mode(Some(ccnet_host::train::pool::Mode::Candle));
     for mode in [Mode::Candle, Mode::Fused] {
         batch_norm::set_mode(Some(mode));
         let net = Network::new(&nodes, &Device::Cpu, &mut Rng::new(2, 1))?;
