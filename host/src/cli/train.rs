@@ -37,9 +37,13 @@ pub struct TrainArgs {
     /// Steps per epoch (one validation and checkpoint each).
     #[arg(long, default_value_t = 50)]
     pub epoch_steps: usize,
-    /// Peak learning rate of Adam (the paper used 5e-5).
+    /// Peak learning rate of Adam at α = 1/8; other widths use `lr · (1/8) / α`
+    /// (4e-3 at α = 1/32, 5e-4 at α = 1/4) unless --fixed-lr is given.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Use --lr as it is at every width (`--fixed-lr --lr 5e-5` is the paper's setting).
+    #[arg(long)]
+    pub fixed_lr: bool,
     /// Crops per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
@@ -114,6 +118,9 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             bail!("--val-fraction must be between 0 and 1");
         }
         recipe.lr = a.lr;
+        if a.fixed_lr {
+            recipe.lr_alpha = None;
+        }
         recipe.batch = a.batch;
         recipe.steps_per_epoch = a.epoch_steps;
         recipe.patience = a.patience;

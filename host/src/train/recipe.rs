@@ -9,8 +9,13 @@ use super::loss::LossKind;
 /// Every setting of a training run (recorded in `config.json`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
-    /// Peak learning rate of Adam.
+    /// Peak learning rate of Adam (at the width [`Recipe::lr_alpha`] when that is set).
     pub lr: f64,
+    /// The width multiplier at which `lr` applies; at another width α the peak rate is
+    /// `lr · lr_alpha / α` (Adam's good step size shrinks as layers widen). `None`: the
+    /// same `lr` at every width (runs made before this existed).
+    #[serde(default)]
+    pub lr_alpha: Option<f64>,
     /// Crops per step.
     pub batch: usize,
     /// Training crop height and width.
@@ -51,11 +56,15 @@ fn one() -> u32 {
     1
 }
 
+/// The width at which the default learning rate (1e-3) is tuned: α = 1/8.
+pub const LR_REFERENCE_ALPHA: f64 = 0.125;
+
 impl Recipe {
     /// The default, robust recipe at crop size `size`.
     pub fn robust(size: [u32; 2]) -> Recipe {
         Recipe {
             lr: 1e-3,
+            lr_alpha: Some(LR_REFERENCE_ALPHA),
             batch: 4,
             size,
             steps_per_epoch: 50,
@@ -78,6 +87,7 @@ impl Recipe {
     /// only, constant learning rate, uniform crops): kept to reproduce the failure.
     pub fn plain(size: [u32; 2]) -> Recipe {
         Recipe {
+            lr_alpha: None,
             warmup_steps: 0,
             final_lr_fraction: None,
             loss: LossKind::CrossEntropy,
@@ -92,7 +102,20 @@ impl Recipe {
         self.steps_per_epoch * self.epochs
     }
 
-    /// Learning rate at step `step` (0-based).
+    /// Peak learning rate for a network of width `alpha`.
+    pub fn peak_lr(&self, alpha: f64) -> f64 {
+        match self.lr_alpha {
+            Some(a) if alpha > 0.0 => self.lr * a / alpha,
+            _ => self.lr,
+        }
+    }
+
+    /// Learning rate at step `step` (0-based) of a network of width `alpha`.
+    pub fn lr_for(&self, alpha: f64, step: usize) -> f64 {
+        self.lr_at(step) * self.peak_lr(alpha) / self.lr
+    }
+
+    /// Learning rate at step `step` (0-based), at the reference width.
     pub fn lr_at(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
             let t = (step + 1) as f64 / self.warmup_steps as f64;
@@ -133,6 +156,15 @@ mod tests {
         assert!((end - r.lr * 0.05).abs() < 1e-12);
         let mid = r.lr_at((r.total_steps() + r.warmup_steps) / 2);
         assert!(mid < r.lr && mid > end);
+        // Narrower networks take larger steps: 4× at α = 1/32, ½× at α = 1/4.
+        assert!((r.peak_lr(1.0 / 32.0) - 4e-3).abs() < 1e-12);
+        assert!((r.peak_lr(0.25) - 5e-4).abs() < 1e-12);
+        assert!((r.lr_for(1.0 / 32.0, 0) - 4.0 * r.lr_at(0)).abs() < 1e-12);
+        let fixed = Recipe {
+            lr_alpha: None,
+            ..r.clone()
+        };
+        assert_eq!(fixed.peak_lr(1.0 / 32.0), fixed.lr);
         let p = Recipe::plain([64, 64]);
         assert_eq!(p.lr_at(0), p.lr);
         assert_eq!(p.lr_at(500), p.lr);

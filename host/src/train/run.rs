@@ -486,7 +486,8 @@ fn run_loop(
         write_metrics(out, cfg, &st.metrics)?;
         return Ok(st.metrics);
     }
-    let arch = cfg.arch_config()?.arch;
+    let ac = cfg.arch_config()?;
+    let (arch, alpha) = (ac.arch, ac.alpha.value());
     let multiple = arch.input_multiple();
     let train_s = data::load_samples(ds, &cfg.split.train, cfg.in_channels, cfg.recipe.downscale)?;
     let val_s = data::load_samples(ds, &cfg.split.val, cfg.in_channels, cfg.recipe.downscale)?;
@@ -527,9 +528,9 @@ fn run_loop(
     while st.epoch < r.epochs {
         let t0 = Instant::now();
         let (mut sum_loss, mut sum_ce) = (0.0, 0.0);
-        let mut lr = r.lr;
+        let mut lr = r.peak_lr(alpha);
         for _ in 0..r.steps_per_epoch {
-            lr = r.lr_at(st.step);
+            lr = r.lr_for(alpha, st.step);
             let b = data::random_batch(
                 &train_s,
                 r.batch,
