@@ -19,6 +19,7 @@ use anyhow::{anyhow, bail, Result};
 use ccnet_shared::graph::{Graph, NodeId, Op, ParamRole};
 
 use crate::pack::fold::readers;
+use crate::train::executor::logits_node;
 use crate::weights::{check_complete, key, FloatTensor, WeightMap};
 
 /// The filter that produced a channel: (producer node, filter index).
@@ -55,15 +56,6 @@ fn channel_origins(graph: &[Op]) -> Result<Vec<Vec<Origin>>> {
         origins.push(o);
     }
     Ok(origins)
-}
-
-/// The node whose output is the logits (skipping a trailing arg-max or softmax).
-fn logits_node(graph: &[Op]) -> usize {
-    let mut id = graph.len() - 1;
-    while let Op::Argmax { input } | Op::Softmax { input } = graph[id] {
-        id = input as usize;
-    }
-    id
 }
 
 /// The filter-producing nodes whose filters may be removed.

@@ -39,8 +39,8 @@ use crate::pack::evaluate::evaluate_packed;
 use crate::pack::{pack_calibrated, PackInfo, Quant};
 use crate::train::recipe::Recipe;
 use crate::train::run::{
-    self, config_path, train_to_end, weights_path, LoopOptions, RunConfig, RunMetrics, TrainSpec,
-    Variant,
+    self, config_path, read_json, train_to_end, weights_path, LoopOptions, RunConfig, RunMetrics,
+    TrainSpec, Variant,
 };
 use crate::weights::{load_safetensors, save_safetensors};
 
@@ -80,7 +80,7 @@ pub struct Settings {
 /// CRC-32 of a file's contents.
 pub fn file_crc(path: &Path) -> Result<u32> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC).checksum(&bytes))
+    Ok(ccnet_shared::format::CRC32.checksum(&bytes))
 }
 
 /// One row of Table 2 with the Table 3 figures of the same network.
@@ -213,20 +213,9 @@ pub fn finetune_recipe(size: u32, steps: usize) -> Recipe {
 
 /// The selection grid: eighths of the base width (`base · k / 8`, k = 1..8).
 pub fn grid(base: Alpha) -> Result<Vec<Alpha>> {
-    fn gcd(a: u32, b: u32) -> u32 {
-        if b == 0 {
-            a
-        } else {
-            gcd(b, a % b)
-        }
-    }
     (1..=8u32)
         .rev()
-        .map(|k| {
-            let (n, d) = (base.num() * k, base.den() * 8);
-            let g = gcd(n, d);
-            Alpha::new(n / g, d / g).map_err(|e| anyhow!("α grid: {e}"))
-        })
+        .map(|k| Alpha::new(base.num() * k, base.den() * 8).map_err(|e| anyhow!("α grid: {e}")))
         .collect()
 }
 
@@ -439,12 +428,6 @@ impl Ctx<'_> {
             run: dir.to_path_buf(),
         })
     }
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let s = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&s).with_context(|| format!("{}: invalid contents", path.display()))
 }
 
 fn select(

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::file::{Calibration, DatasetFit, SweepSettings, WidthPoint};
 use super::fit::{fit_degradation, fit_lambda, fit_line};
 use crate::train::recipe::Recipe;
-use crate::train::run::{self, LoopOptions, RunConfig, RunMetrics, TrainSpec};
+use crate::train::run::{self, read_json, LoopOptions, RunConfig, RunMetrics, TrainSpec};
 
 /// One training run of the sweep.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,12 +115,6 @@ fn dataset_name(dir: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "dataset".into())
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let s = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&s).with_context(|| format!("{}: invalid contents", path.display()))
 }
 
 impl Sweep {

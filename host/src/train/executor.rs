@@ -52,7 +52,7 @@ fn natural_shape(role: ParamRole, dims: [u32; 4]) -> Vec<usize> {
 
 /// The node whose output is the logits: the graph's last node, skipping a trailing
 /// arg-max or softmax head.
-fn logits_node(nodes: &[Op]) -> usize {
+pub fn logits_node(nodes: &[Op]) -> usize {
     let mut id = nodes.len() - 1;
     while let Op::Argmax { input } | Op::Softmax { input } = nodes[id] {
         id = input as usize;

@@ -275,7 +275,8 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     write_atomic(path, s.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+/// Reads a JSON file, naming the file in any error.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let s = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&s).with_context(|| format!("{}: invalid contents", path.display()))
@@ -351,10 +352,7 @@ pub fn train_variant(
         None => ccnet_models::build(&ac)
             .map_err(|e| anyhow!("cannot build {} at α = {}: {e}", spec.arch, spec.alpha))?,
     };
-    let deployed_params = match &variant.graph {
-        Some(g) => crate::pack::fold::deployed_params(g),
-        None => ccnet_models::deployed_params(&ac).map_err(|e| anyhow!("{e}"))?,
-    };
+    let deployed_params = crate::pack::fold::deployed_params(&nodes);
     let cfg = RunConfig {
         format: RUN_FORMAT,
         dataset: ds.name.clone(),
