@@ -119,6 +119,22 @@ fn calibrate_select_and_pack_on_generated_data() {
         "{out}"
     );
 
+    // A per-dataset downscale is part of the folder's settings; an unknown name is refused.
+    let mut other = args.clone();
+    other.extend(["--downscale", "small=2", "--status"]);
+    let (ok, _, err) = ccnet(&other);
+    assert!(
+        !ok && err.contains("per-dataset downscale") && err.contains("small"),
+        "{err}"
+    );
+    let mut unknown = args.clone();
+    unknown.extend(["--downscale", "nosuch=2", "--status"]);
+    let (ok, _, err) = ccnet(&unknown);
+    assert!(
+        !ok && err.contains("`nosuch`") && err.contains("large"),
+        "{err}"
+    );
+
     // Selection under a disk budget picks the largest α that fits.
     let (ok, out, err) = ccnet(&[
         "select",

@@ -23,8 +23,11 @@ pub struct SweepSettings {
     pub size: [u32; 2],
     /// Training steps per run (at most; early stopping may end a run sooner).
     pub steps: usize,
-    /// The training recipe, as JSON.
+    /// The training recipe, as JSON (its `downscale` is the default factor).
     pub recipe: serde_json::Value,
+    /// Datasets trained at another downscale factor than the recipe's.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub downscale_per_dataset: std::collections::BTreeMap<String, u32>,
     /// The complexity settings, as JSON.
     pub complexity: serde_json::Value,
 }

@@ -2,7 +2,10 @@
 //! job with a stable key, kept in a run folder and skipped once finished; and the fit
 //! of the calibration file from whatever runs have finished (a pure function of them).
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ccnet_models::Arch;
@@ -69,6 +72,85 @@ impl RunKey {
     }
 }
 
+/// The downscale factor of each dataset: a default plus per-dataset overrides, written
+/// `4`, `busi=4,kvasir_seg=4` (default 1) or `2,busi=4`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downscale {
+    /// Factor of datasets without an override (at least 1).
+    pub default: u32,
+    /// Factor per dataset name.
+    pub per_dataset: BTreeMap<String, u32>,
+}
+
+impl Downscale {
+    /// The same factor for every dataset.
+    pub fn uniform(f: u32) -> Downscale {
+        Downscale {
+            default: f,
+            per_dataset: BTreeMap::new(),
+        }
+    }
+
+    /// The factor of dataset `name`.
+    pub fn of(&self, name: &str) -> u32 {
+        self.per_dataset.get(name).copied().unwrap_or(self.default)
+    }
+}
+
+impl FromStr for Downscale {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Downscale, String> {
+        let factor = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&v| v >= 1)
+                .ok_or_else(|| format!("`{t}`: a downscale factor is an integer of at least 1"))
+        };
+        let mut out = Downscale::uniform(1);
+        let mut have_default = false;
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some((name, f)) => {
+                    let name = name.trim();
+                    if name.is_empty() {
+                        return Err(format!("`{part}`: expected DATASET=FACTOR"));
+                    }
+                    if out
+                        .per_dataset
+                        .insert(name.to_string(), factor(f)?)
+                        .is_some()
+                    {
+                        return Err(format!("`{name}` is given twice"));
+                    }
+                }
+                None if have_default => return Err(format!("`{s}`: more than one default factor")),
+                None => {
+                    out.default = factor(part)?;
+                    have_default = true;
+                }
+            }
+        }
+        if !have_default && out.per_dataset.is_empty() {
+            return Err(
+                "expected a factor (`4`) or DATASET=FACTOR pairs (`busi=4,drive=1`)".into(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl fmt::Display for Downscale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.default)?;
+        for (name, k) in &self.per_dataset {
+            write!(f, ",{name}={k}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A sweep: datasets × α × seeds for one architecture, with one recipe.
 #[derive(Clone, Debug)]
 pub struct Sweep {
@@ -80,8 +162,10 @@ pub struct Sweep {
     pub alphas: Vec<Alpha>,
     /// Seeds per point.
     pub seeds: u64,
-    /// Training recipe of every run.
+    /// Training recipe of every run (its `downscale` is replaced per dataset).
     pub recipe: Recipe,
+    /// Downscale factor per dataset.
+    pub downscale: Downscale,
     /// Folder holding one sub-folder per run key.
     pub runs_dir: PathBuf,
 }
@@ -95,6 +179,9 @@ pub const OWNER_FILE: &str = "sweep.json";
 struct Owner {
     arch: String,
     recipe: serde_json::Value,
+    /// Per-dataset downscale overrides (absent in folders made before they existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    downscale_per_dataset: BTreeMap<String, u32>,
 }
 
 /// State of one run of the sweep.
@@ -109,7 +196,8 @@ pub enum RunState {
     Done,
 }
 
-fn dataset_name(dir: &Path) -> String {
+/// The name of a dataset folder (its last component, after resolving links).
+pub fn dataset_name(dir: &Path) -> String {
     dir.canonicalize()
         .unwrap_or_else(|_| dir.to_path_buf())
         .file_name()
@@ -146,9 +234,12 @@ impl Sweep {
     /// Another calibration's folder is a clear error naming what differs.
     pub fn check_owner(&self, claim: bool) -> Result<()> {
         let path = self.runs_dir.join(OWNER_FILE);
+        let mut recipe = self.recipe.clone();
+        recipe.downscale = self.downscale.default;
         let mine = Owner {
             arch: self.arch.name().to_string(),
-            recipe: serde_json::to_value(&self.recipe)?,
+            recipe: serde_json::to_value(&recipe)?,
+            downscale_per_dataset: self.downscale.per_dataset.clone(),
         };
         if path.exists() {
             let theirs: Owner = read_json(&path)?;
@@ -165,6 +256,13 @@ impl Sweep {
                 .with_context(|| format!("{}: cannot write", path.display()))?;
         }
         Ok(())
+    }
+
+    /// The recipe of the runs on dataset `name` (with its downscale factor).
+    pub fn recipe_for(&self, name: &str) -> Recipe {
+        let mut r = self.recipe.clone();
+        r.downscale = self.downscale.of(name);
+        r
     }
 
     /// The folder of a run.
@@ -191,7 +289,7 @@ impl Sweep {
             arch: self.arch,
             alpha: Alpha::parse(&key.alpha).map_err(|e| anyhow!("{e}"))?,
             seed: key.seed,
-            recipe: self.recipe.clone(),
+            recipe: self.recipe_for(&key.dataset),
         };
         run::train_to_end(&spec, &run::Variant::default(), &self.run_dir(key), opts).map(|_| ())
     }
@@ -267,6 +365,12 @@ fn owner_diff(theirs: &Owner, mine: &Owner) -> Vec<String> {
         }
         _ if theirs.recipe != mine.recipe => out.push("recipe".into()),
         _ => {}
+    }
+    if theirs.downscale_per_dataset != mine.downscale_per_dataset {
+        out.push(format!(
+            "per-dataset downscale: {:?} vs {:?}",
+            theirs.downscale_per_dataset, mine.downscale_per_dataset
+        ));
     }
     out
 }
@@ -371,6 +475,20 @@ pub fn fit_calibration(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downscale_specs() {
+        let d: Downscale = "busi=4, kvasir_seg=2".parse().unwrap();
+        assert_eq!((d.of("busi"), d.of("kvasir_seg"), d.of("drive")), (4, 2, 1));
+        let d: Downscale = "2,busi=4".parse().unwrap();
+        assert_eq!((d.of("busi"), d.of("drive")), (4, 2));
+        assert_eq!(d.to_string(), "2,busi=4");
+        assert_eq!(d.to_string().parse::<Downscale>().unwrap(), d);
+        assert_eq!("3".parse::<Downscale>().unwrap(), Downscale::uniform(3));
+        for bad in ["", "0", "busi=0", "2,3", "busi=4,busi=2", "=4", "x"] {
+            assert!(bad.parse::<Downscale>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn run_keys_round_trip() {

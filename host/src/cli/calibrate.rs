@@ -12,7 +12,9 @@ use super::train::dataset_dir;
 use super::values;
 use crate::calib::file::{Calibration, SweepSettings};
 use crate::calib::slurm::{self, KeyState};
-use crate::calib::sweep::{collect_points, fit_calibration, RunKey, RunState, Sweep};
+use crate::calib::sweep::{
+    self, collect_points, fit_calibration, Downscale, RunKey, RunState, Sweep,
+};
 use crate::complexity::{measure_dataset, Settings as ComplexitySettings};
 use crate::dataset::Dataset;
 use crate::plot::{xy_plot_png, XyPlot, XySeries, XyStyle};
@@ -48,9 +50,11 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 50)]
     pub epoch_steps: usize,
     /// Integer factor by which images are box-downscaled before training and validation
-    /// (CPU-scale sweeps; the slopes are measured at that resolution).
-    #[arg(long, default_value_t = 1)]
-    pub downscale: u32,
+    /// (CPU-scale sweeps; the slopes are measured at that resolution): one factor for
+    /// every dataset (`4`), per dataset (`busi=4,kvasir_seg=4`, others 1), or both
+    /// (`2,busi=4`). Complexity is always measured on the full-resolution images.
+    #[arg(long, default_value = "1")]
+    pub downscale: Downscale,
     /// Folder of the runs (one sub-folder per run key; reruns skip finished runs).
     #[arg(long)]
     pub runs: Option<PathBuf>,
@@ -133,10 +137,14 @@ fn sweep_of(a: &CalibrateArgs) -> Result<Sweep> {
     let mut recipe = Recipe::robust(size);
     recipe.steps_per_epoch = a.epoch_steps;
     recipe.epochs = a.steps.div_ceil(a.epoch_steps);
-    if a.downscale == 0 {
-        bail!("--downscale must be at least 1");
+    let names: Vec<String> = datasets.iter().map(|d| sweep::dataset_name(d)).collect();
+    if let Some(unknown) = a.downscale.per_dataset.keys().find(|k| !names.contains(k)) {
+        bail!(
+            "--downscale names `{unknown}`, which is not among the datasets ({})",
+            names.join(", ")
+        );
     }
-    recipe.downscale = a.downscale;
+    recipe.downscale = a.downscale.default;
     let runs_dir = a.runs.clone().unwrap_or_else(|| {
         PathBuf::from("target")
             .join("ccnet")
@@ -149,6 +157,7 @@ fn sweep_of(a: &CalibrateArgs) -> Result<Sweep> {
         alphas,
         seeds,
         recipe,
+        downscale: a.downscale.clone(),
         runs_dir,
     })
 }
@@ -424,6 +433,7 @@ fn fit(sweep: &Sweep) -> Result<Calibration> {
         size: sweep.recipe.size,
         steps: sweep.recipe.total_steps(),
         recipe: serde_json::to_value(&sweep.recipe)?,
+        downscale_per_dataset: sweep.downscale.per_dataset.clone(),
         complexity: serde_json::to_value(&cs)?,
     };
     fit_calibration(sweep.arch, settings, points)
