@@ -23,6 +23,8 @@ pub mod complexity;
 pub mod container;
 pub mod dataset;
 pub mod fsutil;
+#[allow(unsafe_code)] // the host's one kernels module: AVX2 filters, direct GEMM calls
+pub mod kernels;
 pub mod pack;
 pub mod paths;
 pub mod plot;

@@ -27,8 +27,7 @@ pub mod blobs;
 pub mod clutter;
 pub mod edges;
 pub mod energy;
-#[allow(unsafe_code)] // the host's one kernels module: runtime-dispatched AVX2 builds
-pub mod filters;
+pub use crate::kernels::filters;
 pub mod jpeg;
 
 use std::path::PathBuf;
