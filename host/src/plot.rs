@@ -200,7 +200,7 @@ fn legend(area: &Area<'_>, entries: &[(String, RGBColor, Swatch)]) -> Result<(),
 
 fn legend_width(names: &[String]) -> u32 {
     let longest = names.iter().map(|n| n.chars().count()).max().unwrap_or(0) as u32;
-    (longest * 9 + 50).clamp(120, 420)
+    (longest * 9 + 50).clamp(120, 560)
 }
 
 /// Renders a grouped bar chart as a PNG of `size` pixels.

@@ -21,6 +21,9 @@ pub struct LooPoint {
     pub achieved: f64,
     /// Relative F1 predicted with the slope fitted on the other datasets, in [0, 1].
     pub predicted: f64,
+    /// Relative F1 predicted by the baseline that ignores complexity: the mean slope of
+    /// the other datasets, in [0, 1].
+    pub predicted_constant: f64,
 }
 
 /// One held-out dataset.
@@ -34,10 +37,14 @@ pub struct LooRow {
     pub m_fitted: f64,
     /// The slope predicted from J by equation (2) fitted on the other datasets.
     pub m_predicted: f64,
+    /// The baseline's slope: the mean m_F1 of the other datasets (complexity ignored).
+    pub m_constant: f64,
     /// Every width but the base (whose relative F1 is 1 by definition).
     pub points: Vec<LooPoint>,
     /// Mean absolute error of the predicted relative F1 over `points`.
     pub mean_abs_error: f64,
+    /// The same for the constant-slope baseline.
+    pub mean_abs_error_constant: f64,
 }
 
 /// The paper's check of case 1 for one held-out dataset and one target.
@@ -83,6 +90,7 @@ pub fn leave_one_out(cal: &Calibration) -> Result<Vec<LooRow>> {
         let line = fit_line(&others)
             .map_err(|e| anyhow::anyhow!("without {}: slope against J: {e}", d.name))?;
         let m_predicted = line.eval(d.j);
+        let m_constant = others.iter().map(|o| o.1).sum::<f64>() / others.len() as f64;
         let f1 = d.f1.expect("filtered on f1");
         let base = f1.base_accuracy;
         let points: Vec<LooPoint> = d
@@ -95,24 +103,36 @@ pub fn leave_one_out(cal: &Calibration) -> Result<Vec<LooRow>> {
                 achieved: p.f1_mean / base,
                 predicted: relative_accuracy(m_predicted, f1.base_log10_params, p.log10_params)
                     .clamp(0.0, 1.0),
+                predicted_constant: relative_accuracy(
+                    m_constant,
+                    f1.base_log10_params,
+                    p.log10_params,
+                )
+                .clamp(0.0, 1.0),
             })
             .collect();
-        let mean_abs_error = if points.is_empty() {
-            0.0
-        } else {
-            points
-                .iter()
-                .map(|p| (p.predicted - p.achieved).abs())
-                .sum::<f64>()
-                / points.len() as f64
+        let mae = |f: fn(&LooPoint) -> f64| {
+            if points.is_empty() {
+                0.0
+            } else {
+                points
+                    .iter()
+                    .map(|p| (f(p) - p.achieved).abs())
+                    .sum::<f64>()
+                    / points.len() as f64
+            }
         };
+        let mean_abs_error = mae(|p| p.predicted);
+        let mean_abs_error_constant = mae(|p| p.predicted_constant);
         rows.push(LooRow {
             dataset: d.name.clone(),
             j: d.j,
             m_fitted: f1.m,
             m_predicted,
+            m_constant,
             points,
             mean_abs_error,
+            mean_abs_error_constant,
         });
     }
     Ok(rows)
@@ -205,6 +225,15 @@ mod tests {
             assert_eq!(r.points.len(), 2);
             assert!(r.mean_abs_error < 1e-9, "{r:?}");
         }
+        // The constant-slope baseline predicts the others' mean slope: for d0 (own
+        // m 0.045) that is 0.5 · 0.2 + 0.02 = 0.12, off by 0.075 per decade, so by
+        // 0.075 · 0.6 and 0.075 · 1.2 at the two smaller widths.
+        let r = &rows[0];
+        assert!((r.m_constant - 0.12).abs() < 1e-9, "{r:?}");
+        assert!(
+            (r.mean_abs_error_constant - 0.075 * 0.9).abs() < 1e-9,
+            "{r:?}"
+        );
         // A dataset off the line is mispredicted by how far it is off.
         let cal = calibration(&[0.05, 0.1, 0.2, 0.3], 0.1);
         let r = &leave_one_out(&cal).unwrap()[0];

@@ -476,14 +476,29 @@ pub fn summary(cal: &Calibration) -> String {
 /// The paper's Fig. 6/7: relative accuracy against log10 P per dataset, and slopes
 /// against complexity, as `<stem>-f1.png`, `<stem>-iu.png`, `<stem>-slopes.png`.
 pub fn write_plots(cal: &Calibration, stem: &Path) -> Result<()> {
+    let default_downscale = cal.settings.recipe["downscale"].as_u64().unwrap_or(1);
+    let mut downscale: Vec<String> = cal
+        .settings
+        .downscale_per_dataset
+        .iter()
+        .map(|(name, f)| format!("{name} /{f}"))
+        .collect();
+    if default_downscale > 1 {
+        downscale.insert(0, format!("images /{default_downscale}"));
+    }
     let subtitle = format!(
-        "{} · base α {} · {} seeds · crops {}x{} · ≤ {} steps",
+        "{} · base α {} · {} seeds · crops {}x{} · ≤ {} steps{}",
         cal.arch,
         cal.base_alpha,
         cal.settings.seeds,
         cal.settings.size[0],
         cal.settings.size[1],
-        cal.settings.steps
+        cal.settings.steps,
+        if downscale.is_empty() {
+            String::new()
+        } else {
+            format!(" · downscaled: {}", downscale.join(", "))
+        }
     );
     for (metric, name) in [("f1", "F1"), ("iu", "IU")] {
         let series = cal
@@ -563,7 +578,7 @@ fn file_stem(p: &Path) -> String {
 }
 
 fn write_png(plot: &XyPlot, path: &Path) -> Result<()> {
-    let png = xy_plot_png(plot, (900, 600)).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let png = xy_plot_png(plot, (1100, 600)).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     crate::fsutil::write_atomic(path, &png)
         .with_context(|| format!("{}: cannot write", path.display()))
 }

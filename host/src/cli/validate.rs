@@ -10,7 +10,7 @@ use clap::Args;
 use super::select::default_calibration;
 use super::values;
 use crate::calib::file::Calibration;
-use crate::calib::validate::{case1_checks, leave_one_out, Case1Check, LooRow};
+use crate::calib::validate::{case1_checks, leave_one_out, Case1Check, LooPoint, LooRow};
 
 /// Arguments of `ccnet validate`.
 #[derive(Debug, Args)]
@@ -59,29 +59,46 @@ pub fn run(a: &ValidateArgs) -> Result<()> {
 /// The two tables in Markdown.
 pub fn markdown(rows: &[LooRow], checks: &[Case1Check]) -> String {
     let mut s = String::from(
-        "| held-out dataset | J | m_F1 fitted | m_F1 predicted | α: achieved / predicted relative F1 | mean abs. error |\n|---|---|---|---|---|---|\n",
+        "| held-out dataset | J | m_F1 fitted | m_F1 predicted (constant) | α: achieved / predicted (constant) relative F1 | mean abs. error (constant) |\n|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let pts = r
             .points
             .iter()
-            .map(|p| format!("{}: {:.3} / {:.3}", p.alpha, p.achieved, p.predicted))
+            .map(|p| {
+                format!(
+                    "{}: {:.3} / {:.3} ({:.3})",
+                    p.alpha, p.achieved, p.predicted, p.predicted_constant
+                )
+            })
             .collect::<Vec<_>>()
             .join("; ");
         s += &format!(
-            "| {} | {:.4} | {:.3} | {:.3} | {} | {:.3} |\n",
-            r.dataset, r.j, r.m_fitted, r.m_predicted, pts, r.mean_abs_error
+            "| {} | {:.4} | {:.3} | {:.3} ({:.3}) | {} | {:.3} ({:.3}) |\n",
+            r.dataset,
+            r.j,
+            r.m_fitted,
+            r.m_predicted,
+            r.m_constant,
+            pts,
+            r.mean_abs_error,
+            r.mean_abs_error_constant
         );
     }
-    let all: Vec<f64> = rows
-        .iter()
-        .flat_map(|r| r.points.iter().map(|p| (p.predicted - p.achieved).abs()))
-        .collect();
+    let errors = |f: fn(&LooPoint) -> f64| -> Vec<f64> {
+        rows.iter()
+            .flat_map(|r| r.points.iter().map(move |p| (f(p) - p.achieved).abs()))
+            .collect()
+    };
+    let (all, constant) = (errors(|p| p.predicted), errors(|p| p.predicted_constant));
     if !all.is_empty() {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         s += &format!(
-            "\nMean absolute error of predicted relative F1 over all held-out points: {:.3} ({} points).\n",
-            all.iter().sum::<f64>() / all.len() as f64,
-            all.len()
+            "\nMean absolute error of predicted relative F1 over all held-out points: {:.3} ({} points); \
+             a constant slope (the other datasets' mean, complexity ignored) gives {:.3}.\n",
+            mean(&all),
+            all.len(),
+            mean(&constant)
         );
     }
     s += "\n| held-out dataset | target | chosen α | achieved there | one step smaller | achieved there | meets | smaller misses |\n|---|---|---|---|---|---|---|---|\n";
