@@ -471,3 +471,34 @@ fn banded_conv2d_matches_candle_across_band_boundaries() {
         );
     }
 }
+
+/// Stride-1 convolutions on planes of at least 64 × 64 output pixels take the direct
+/// path (the device engine's kernels for the forward pass and the input gradient): square
+/// kernels of 1, 3 and 5 with "same" and "valid" padding, against candle.
+#[test]
+fn direct_conv2d_matches_candle() {
+    let mut rng = Rng::new(29, 1);
+    for &(n, cin, cout, h, w, k, p) in &[
+        (2, 3, 5, 64, 70, 3, 1),
+        (1, 4, 2, 65, 64, 1, 0),
+        (1, 2, 3, 70, 66, 3, 0),
+        (2, 2, 6, 68, 64, 5, 2),
+    ] {
+        let x = randn(&mut rng, &[n, cin, h, w]);
+        let wt = randn(&mut rng, &[cout, cin, k, k]);
+        let b = randn(&mut rng, &[cout]);
+        let bias = |y: Tensor, b: &Tensor| {
+            y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+                .unwrap()
+        };
+        compare(
+            &format!("direct n={n} {cin}→{cout} {h}×{w} k={k} p={p}"),
+            &x,
+            &wt,
+            &b,
+            &mut rng,
+            &|x, w, b| bias(conv::conv2d_banded(x, w, p, 1, 1).unwrap(), b),
+            &|x, w, b| bias(x.conv2d(w, p, 1, 1, 1).unwrap(), b),
+        );
+    }
+}

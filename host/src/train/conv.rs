@@ -31,6 +31,8 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use ccnet_device::kernels::{conv2d_f32_fast, ConvGeom, Params};
+
 use crate::kernels::gemm::{self, MatMut, MatRef};
 
 /// Which convolutions the executor uses.
@@ -498,6 +500,75 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     }
 }
 
+/// Whether [`Conv2dOp`] computes the forward pass and the input gradient with the
+/// device engine's direct convolution kernels (register-blocked panels, AVX2 where the
+/// CPU has it) instead of column matrices: square kernels, stride 1, no dilation.
+/// Only for planes of at least [`DIRECT_MIN_PIXELS`] output pixels: on small planes with
+/// many channels the column-matrix products are faster.
+fn direct(g: &Geom) -> bool {
+    g.stride == 1
+        && g.dilation == 1
+        && g.kh == g.kw
+        && g.padding < g.kh
+        && g.ho * g.wo >= direct_min_pixels()
+}
+
+/// Output pixels per plane from which [`Conv2dOp`] uses the direct kernels.
+const DIRECT_MIN_PIXELS: usize = 64 * 64;
+
+/// [`DIRECT_MIN_PIXELS`], or `CCNET_CONV_DIRECT_MIN` (for tuning; a huge value turns the
+/// direct kernels off).
+fn direct_min_pixels() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("CCNET_CONV_DIRECT_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DIRECT_MIN_PIXELS)
+    })
+}
+
+/// The device engine's geometry of a stride-1 convolution `cin → cout` over `h × w`
+/// planes with a `k × k` kernel and zero padding `pad`.
+fn stride1_geom(
+    cin: usize,
+    cout: usize,
+    (h, w): (usize, usize),
+    k: usize,
+    pad: usize,
+) -> candle_core::Result<ConvGeom> {
+    ConvGeom::conv(cin, cout, h, w, k, 1, pad, 1).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "conv: no output for {cin}→{cout} {h}×{w} k{k} p{pad}"
+        ))
+    })
+}
+
+/// One image's direct convolution `y = conv(x, w)` (`w` `[cout, cin, k, k]`) through the
+/// device engine's kernel.
+fn direct_conv(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+    let wb: &[u8] = bytemuck::cast_slice(w);
+    conv2d_f32_fast(g, x, Params::F32(wb), None, false, y)
+        .map_err(|_| candle_core::Error::Msg(format!("conv: buffers do not match {g:?}")))
+}
+
+/// The weights of the input-gradient convolution of a stride-1 convolution:
+/// `w̃[ci][co][ky][kx] = w[co][ci][k−1−ky][k−1−kx]` (`[cin, cout, k, k]`).
+fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let k2 = k * k;
+    let mut out = vec![0f32; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            let src = &w[(co * cin + ci) * k2..(co * cin + ci + 1) * k2];
+            let dst = &mut out[(ci * cout + co) * k2..(ci * cout + co + 1) * k2];
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = src[k2 - 1 - t];
+            }
+        }
+    }
+    out
+}
+
 /// `conv2d` without bias as one op with its own backward pass: the column matrix is
 /// built band by band (a few output rows of one image at a time) and never stored, so
 /// autograd keeps only `x` and `W`; forward `Y_band = W · cols_band`, backward
@@ -542,9 +613,17 @@ impl CustomOp2 for Conv2dOp {
         }
         let p = g.cols();
         let k = g.rows();
+        let mut y = vec![0f32; n * cout * p];
+        if direct(&g) && p > 0 {
+            let plane_in = g.c * g.h * g.w;
+            let dg = stride1_geom(g.c, cout, (g.h, g.w), g.kh, g.padding)?;
+            y.par_chunks_mut(cout * p)
+                .zip(x.par_chunks(plane_in))
+                .try_for_each(|(yi, xi)| direct_conv(&dg, xi, w, yi))?;
+            return Ok((CpuStorage::F32(y), Shape::from((n, cout, g.ho, g.wo))));
+        }
         let wm = MatRef::row_major(w, cout, k);
         let mut cols = vec![0f32; k * band_rows(&g) * g.wo];
-        let mut y = vec![0f32; n * cout * p];
         for img in 0..n {
             let yi = &mut y[img * cout * p..(img + 1) * cout * p];
             for (r0, nr) in self.bands() {
@@ -578,8 +657,23 @@ impl CustomOp2 for Conv2dOp {
         let mut dw = vec![0f32; cout * k];
         let band = band_rows(&g) * g.wo;
         let mut cols = vec![0f32; k * band];
-        let mut dcols = vec![0f32; if want_dx { k * band } else { 0 }];
         let plane_in = g.c * g.h * g.w;
+        // The input gradient of a stride-1 convolution is a convolution of dY with the
+        // flipped, transposed kernel and padding k − 1 − p: computed directly, per image.
+        let dx_direct = want_dx && direct(&g) && p > 0;
+        if dx_direct {
+            with_f32(&grad, |gr| {
+                with_f32(&w, |ws| {
+                    let wt = flip_transpose(ws, cout, g.c, g.kh);
+                    let dg = stride1_geom(cout, g.c, (g.ho, g.wo), g.kh, g.kh - 1 - g.padding)?;
+                    dx.par_chunks_mut(plane_in)
+                        .zip(gr.par_chunks(cout * p))
+                        .try_for_each(|(dxi, gi)| direct_conv(&dg, gi, &wt, dxi))
+                })
+            })???;
+        }
+        let want_cols_dx = want_dx && !dx_direct;
+        let mut dcols = vec![0f32; if want_cols_dx { k * band } else { 0 }];
         with_f32(&x, |xs| {
             with_f32(&grad, |gr| {
                 with_f32(&w, |ws| {
@@ -596,7 +690,7 @@ impl CustomOp2 for Conv2dOp {
                             // dW += dY_band · cols_bandᵀ.
                             gemm::matmul(MatMut::row_major(&mut dw, cout, k), gy, cm.t(), !first);
                             first = false;
-                            if want_dx {
+                            if want_cols_dx {
                                 // dcols = Wᵀ · dY_band, then scattered back into dX.
                                 let dc = &mut dcols[..k * t];
                                 gemm::matmul(MatMut::row_major(dc, k, t), wm.t(), gy, false);
