@@ -138,6 +138,34 @@ pub fn leave_one_out(cal: &Calibration) -> Result<Vec<LooRow>> {
     Ok(rows)
 }
 
+/// Mean absolute errors of predicted relative F1 over every held-out point of a
+/// leave-one-out validation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct LooError {
+    /// With the slope predicted from complexity (equation 2).
+    pub complexity: f64,
+    /// With the constant-slope baseline.
+    pub constant: f64,
+    /// Held-out points averaged.
+    pub points: usize,
+}
+
+/// The overall errors of `rows`; `None` without any held-out point.
+pub fn overall_error(rows: &[LooRow]) -> Option<LooError> {
+    let pts: Vec<&LooPoint> = rows.iter().flat_map(|r| &r.points).collect();
+    if pts.is_empty() {
+        return None;
+    }
+    let mean = |f: fn(&LooPoint) -> f64| {
+        pts.iter().map(|p| (f(p) - p.achieved).abs()).sum::<f64>() / pts.len() as f64
+    };
+    Some(LooError {
+        complexity: mean(|p| p.predicted),
+        constant: mean(|p| p.predicted_constant),
+        points: pts.len(),
+    })
+}
+
 /// Case 1 on the held-out predictions: for each row and target, the width chosen on the
 /// row's grid (largest first) and whether achieved accuracy agrees with the choice.
 pub fn case1_checks(rows: &[LooRow], cal: &Calibration, targets: &[f64]) -> Vec<Case1Check> {

@@ -15,6 +15,7 @@ use super::train::dataset_dir;
 use super::values;
 use crate::calib::file::Calibration;
 use crate::calib::select::{select, Candidate, Constraints, Metric, Selection};
+use crate::calib::validate::{leave_one_out, overall_error, LooError};
 use crate::complexity::{measure_dataset, Settings as ComplexitySettings};
 use crate::dataset::Dataset;
 use crate::pack::{fuse_relu, packed_len, FloatModel, PackInfo, Quant};
@@ -95,6 +96,10 @@ pub struct SelectReport {
     /// Predicted absolute IU of the chosen α (likewise; with --base-accuracy the same
     /// base number is used for IU, a rough figure).
     pub predicted_iu: Option<f64>,
+    /// The calibration's own leave-one-dataset-out error (`ccnet validate`): how far
+    /// its relative-F1 predictions were from what held-out datasets achieved; `None`
+    /// with fewer than three calibrated datasets.
+    pub predictor_error: Option<LooError>,
     /// The selection.
     pub selection: Selection,
 }
@@ -315,6 +320,9 @@ pub fn report(a: &SelectArgs) -> Result<SelectReport> {
             .base_accuracy
             .or_else(|| cal.base_iu(j, b))
             .map(|x| x * selection.chosen.rel_iu),
+        predictor_error: leave_one_out(&cal)
+            .ok()
+            .and_then(|rows| overall_error(&rows)),
         selection,
     };
     Ok(report)
@@ -353,6 +361,12 @@ pub fn table(r: &SelectReport) -> String {
     );
     if let (Some(f1), Some(iu)) = (r.predicted_f1, r.predicted_iu) {
         s += &format!("predicted F1 {f1:.3}, IU {iu:.3}\n");
+    }
+    if let Some(e) = r.predictor_error {
+        s += &format!(
+            "this calibration's leave-one-dataset-out error: {:.3} in relative F1 ({} points; a constant slope: {:.3}; see `ccnet validate`)\n",
+            e.complexity, e.points, e.constant
+        );
     }
     s
 }

@@ -10,7 +10,7 @@ use clap::Args;
 use super::select::default_calibration;
 use super::values;
 use crate::calib::file::Calibration;
-use crate::calib::validate::{case1_checks, leave_one_out, Case1Check, LooPoint, LooRow};
+use crate::calib::validate::{case1_checks, leave_one_out, overall_error, Case1Check, LooRow};
 
 /// Arguments of `ccnet validate`.
 #[derive(Debug, Args)]
@@ -85,20 +85,11 @@ pub fn markdown(rows: &[LooRow], checks: &[Case1Check]) -> String {
             r.mean_abs_error_constant
         );
     }
-    let errors = |f: fn(&LooPoint) -> f64| -> Vec<f64> {
-        rows.iter()
-            .flat_map(|r| r.points.iter().map(move |p| (f(p) - p.achieved).abs()))
-            .collect()
-    };
-    let (all, constant) = (errors(|p| p.predicted), errors(|p| p.predicted_constant));
-    if !all.is_empty() {
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    if let Some(e) = overall_error(rows) {
         s += &format!(
             "\nMean absolute error of predicted relative F1 over all held-out points: {:.3} ({} points); \
              a constant slope (the other datasets' mean, complexity ignored) gives {:.3}.\n",
-            mean(&all),
-            all.len(),
-            mean(&constant)
+            e.complexity, e.points, e.constant
         );
     }
     s += "\n| held-out dataset | target | chosen α | achieved there | one step smaller | achieved there | meets | smaller misses |\n|---|---|---|---|---|---|---|---|\n";
