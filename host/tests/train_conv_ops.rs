@@ -447,21 +447,23 @@ fn conv_transpose2d_gradients_match_finite_differences() {
     }
 }
 
-/// Shapes large enough that the fused op splits each image into several bands of output
-/// rows (a band holds about 2^20 column-matrix elements).
-#[test]
-fn banded_conv2d_matches_candle_across_band_boundaries() {
-    let mut rng = Rng::new(23, 1);
-    for &(n, cin, cout, h, w, s, p) in &[(2, 16, 3, 150, 64, 1, 1), (1, 32, 2, 301, 65, 2, 1)] {
+/// A convolution's shape: `(n, cin, cout, h, w, k, stride, padding)`.
+type ConvShape = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// [`conv::conv2d_banded`] (plus a bias) against candle's `conv2d`, outputs and every
+/// gradient.
+fn banded_matches_candle(seed: u64, what: &str, shapes: &[ConvShape]) {
+    let mut rng = Rng::new(seed, 1);
+    let bias = |y: Tensor, b: &Tensor| {
+        y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
+            .unwrap()
+    };
+    for &(n, cin, cout, h, w, k, s, p) in shapes {
         let x = randn(&mut rng, &[n, cin, h, w]);
-        let wt = randn(&mut rng, &[cout, cin, 3, 3]);
+        let wt = randn(&mut rng, &[cout, cin, k, k]);
         let b = randn(&mut rng, &[cout]);
-        let bias = |y: Tensor, b: &Tensor| {
-            y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
-                .unwrap()
-        };
         compare(
-            &format!("banded n={n} cin={cin} {h}×{w} s={s}"),
+            &format!("{what} n={n} {cin}→{cout} {h}×{w} k={k} s={s} p={p}"),
             &x,
             &wt,
             &b,
@@ -472,33 +474,30 @@ fn banded_conv2d_matches_candle_across_band_boundaries() {
     }
 }
 
+/// Shapes large enough that the fused op splits each image into several bands of output
+/// rows (a band holds about 2^20 column-matrix elements).
+#[test]
+fn banded_conv2d_matches_candle_across_band_boundaries() {
+    banded_matches_candle(
+        23,
+        "banded",
+        &[(2, 16, 3, 150, 64, 3, 1, 1), (1, 32, 2, 301, 65, 3, 2, 1)],
+    );
+}
+
 /// Stride-1 convolutions on planes of at least 64 × 64 output pixels take the direct
 /// path (the device engine's kernels for the forward pass and the input gradient): square
 /// kernels of 1, 3 and 5 with "same" and "valid" padding, against candle.
 #[test]
 fn direct_conv2d_matches_candle() {
-    let mut rng = Rng::new(29, 1);
-    for &(n, cin, cout, h, w, k, p) in &[
-        (2, 3, 5, 64, 70, 3, 1),
-        (1, 4, 2, 65, 64, 1, 0),
-        (1, 2, 3, 70, 66, 3, 0),
-        (2, 2, 6, 68, 64, 5, 2),
-    ] {
-        let x = randn(&mut rng, &[n, cin, h, w]);
-        let wt = randn(&mut rng, &[cout, cin, k, k]);
-        let b = randn(&mut rng, &[cout]);
-        let bias = |y: Tensor, b: &Tensor| {
-            y.broadcast_add(&b.reshape((1, b.dim(0).unwrap(), 1, 1)).unwrap())
-                .unwrap()
-        };
-        compare(
-            &format!("direct n={n} {cin}→{cout} {h}×{w} k={k} p={p}"),
-            &x,
-            &wt,
-            &b,
-            &mut rng,
-            &|x, w, b| bias(conv::conv2d_banded(x, w, p, 1, 1).unwrap(), b),
-            &|x, w, b| bias(x.conv2d(w, p, 1, 1, 1).unwrap(), b),
-        );
-    }
+    banded_matches_candle(
+        29,
+        "direct",
+        &[
+            (2, 3, 5, 64, 70, 3, 1, 1),
+            (1, 4, 2, 65, 64, 1, 1, 0),
+            (1, 2, 3, 70, 66, 3, 1, 0),
+            (2, 2, 6, 68, 64, 5, 1, 2),
+        ],
+    );
 }
