@@ -19,6 +19,11 @@
 //! The PyTorch peer (`train_step_peer.py`) prints the same lines with `mode=torch`, and
 //! `train_step_compare.sh` runs both and prints the ratios.
 
+/// The allocator of the `ccnet` binary (see `host/src/main.rs`), so the bench times what
+/// training runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};

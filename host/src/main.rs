@@ -1,5 +1,10 @@
 //! The `ccnet` binary.
 
+/// mimalloc keeps freed large buffers for reuse; glibc's allocator hands them back to the
+/// kernel, so every training step paid its page faults again (`docs/training.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     // candle's pool for element-wise operations spin-waits on a barrier; with other work
     // on the cores it wastes them (training steps 2.5× slower on a loaded 2-core machine,
