@@ -108,6 +108,21 @@ impl<'a> MatMut<'a> {
 /// `dst = lhs · rhs`, or `dst += lhs · rhs` with `accumulate`, multithreaded over
 /// rayon's pool. Panics when the shapes do not chain.
 pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    product(dst, lhs, rhs, accumulate, par);
+}
+
+/// [`matmul`] on the calling thread only (for callers that parallelise around it).
+pub fn matmul_serial(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool) {
+    product(dst, lhs, rhs, accumulate, Parallelism::None);
+}
+
+fn product(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool, par: Parallelism) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert!(
         rhs.rows == k && dst.rows == m && dst.cols == n,
@@ -129,12 +144,6 @@ pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: boo
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
     let s = |v: usize| v as isize;
     // SAFETY: every view was checked on construction to lie inside its slice
     // (`MatRef::new` / `MatMut::new`: the element (rows − 1, cols − 1) at the largest

@@ -569,6 +569,22 @@ fn flip_transpose(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     out
 }
 
+/// Whether [`Conv2dOp`] runs its images in parallel (one per rayon task, each product
+/// single-threaded) rather than in turn with multithreaded products: when there are at
+/// least as many images as threads.
+fn images_in_parallel(n: usize) -> bool {
+    n >= rayon::current_num_threads()
+}
+
+/// `dst (+)= lhs · rhs`, single-threaded when the caller already runs in parallel.
+fn product(serial: bool, dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, acc: bool) {
+    if serial {
+        gemm::matmul_serial(dst, lhs, rhs, acc);
+    } else {
+        gemm::matmul(dst, lhs, rhs, acc);
+    }
+}
+
 /// `conv2d` without bias as one op with its own backward pass: the column matrix is
 /// built band by band (a few output rows of one image at a time) and never stored, so
 /// autograd keeps only `x` and `W`; forward `Y_band = W · cols_band`, backward
@@ -623,15 +639,27 @@ impl CustomOp2 for Conv2dOp {
             return Ok((CpuStorage::F32(y), Shape::from((n, cout, g.ho, g.wo))));
         }
         let wm = MatRef::row_major(w, cout, k);
-        let mut cols = vec![0f32; k * band_rows(&g) * g.wo];
-        for img in 0..n {
-            let yi = &mut y[img * cout * p..(img + 1) * cout * p];
+        // One image per rayon task with single-threaded products when there are enough
+        // images (as in the backward pass), else multithreaded products.
+        let by_image = images_in_parallel(n);
+        let image = |img: usize, yi: &mut [f32]| {
+            let mut cols = vec![0f32; k * band_rows(&g) * g.wo];
             for (r0, nr) in self.bands() {
                 let t = nr * g.wo;
                 im2col_band(&g, x, img, r0, nr, &mut cols);
                 // Y[:, band] = W · cols, written in place (row stride P).
                 let dst = MatMut::new(&mut yi[r0 * g.wo..], cout, t, p, 1);
-                gemm::matmul(dst, wm, MatRef::row_major(&cols[..k * t], k, t), false);
+                let rhs = MatRef::row_major(&cols[..k * t], k, t);
+                product(by_image, dst, wm, rhs, false);
+            }
+        };
+        if by_image {
+            y.par_chunks_mut(cout * p.max(1))
+                .enumerate()
+                .for_each(|(img, yi)| image(img, yi));
+        } else {
+            for (img, yi) in y.chunks_mut(cout * p.max(1)).enumerate() {
+                image(img, yi);
             }
         }
         Ok((CpuStorage::F32(y), Shape::from((n, cout, g.ho, g.wo))))
@@ -653,10 +681,7 @@ impl CustomOp2 for Conv2dOp {
         let w = w.contiguous()?;
         let want_dx = x.track_op();
         let mut dx = vec![0f32; if want_dx { x.elem_count() } else { 0 }];
-        // dW as (Cout, C·k²), accumulated band by band in place.
-        let mut dw = vec![0f32; cout * k];
         let band = band_rows(&g) * g.wo;
-        let mut cols = vec![0f32; k * band];
         let plane_in = g.c * g.h * g.w;
         // The input gradient of a stride-1 convolution is a convolution of dY with the
         // flipped, transposed kernel and padding k − 1 − p: computed directly, per image.
@@ -673,40 +698,66 @@ impl CustomOp2 for Conv2dOp {
             })???;
         }
         let want_cols_dx = want_dx && !dx_direct;
-        let mut dcols = vec![0f32; if want_cols_dx { k * band } else { 0 }];
-        with_f32(&x, |xs| {
+        // One image per rayon task, with single-threaded products: the weight-gradient
+        // product is long and thin (K = pixels of a band, M × N = Cout × C·k²), which the
+        // GEMM cannot split across threads. Each image's dW part is accumulated band by
+        // band in place and the parts are summed in image order (the same result for any
+        // thread count). With fewer images than threads the images run in turn and the
+        // products use the threads.
+        let by_image = images_in_parallel(n);
+        let parts: Vec<Vec<f32>> = with_f32(&x, |xs| {
             with_f32(&grad, |gr| {
                 with_f32(&w, |ws| {
                     let wm = MatRef::row_major(ws, cout, k);
-                    let mut first = true;
-                    for img in 0..n {
+                    let image = |img: usize, mut dxi: Option<&mut [f32]>| -> Vec<f32> {
+                        let mut dw = vec![0f32; cout * k];
+                        let mut cols = vec![0f32; k * band];
+                        let mut dcols = vec![0f32; if dxi.is_some() { k * band } else { 0 }];
                         let gi = &gr[img * cout * p..(img + 1) * cout * p];
-                        for (r0, nr) in self.bands() {
+                        for (i, (r0, nr)) in self.bands().enumerate() {
                             let t = nr * g.wo;
                             // dY of this band, read in place: (Cout, t) with row stride P.
                             let gy = MatRef::new(&gi[r0 * g.wo..], cout, t, p, 1);
                             im2col_band(&g, xs, img, r0, nr, &mut cols);
                             let cm = MatRef::row_major(&cols[..k * t], k, t);
                             // dW += dY_band · cols_bandᵀ.
-                            gemm::matmul(MatMut::row_major(&mut dw, cout, k), gy, cm.t(), !first);
-                            first = false;
-                            if want_cols_dx {
+                            let dst = MatMut::row_major(&mut dw, cout, k);
+                            product(by_image, dst, gy, cm.t(), i > 0);
+                            if let Some(dxi) = dxi.as_deref_mut() {
                                 // dcols = Wᵀ · dY_band, then scattered back into dX.
                                 let dc = &mut dcols[..k * t];
-                                gemm::matmul(MatMut::row_major(dc, k, t), wm.t(), gy, false);
-                                col2im_band(
-                                    &g,
-                                    dc,
-                                    r0,
-                                    nr,
-                                    &mut dx[img * plane_in..(img + 1) * plane_in],
-                                );
+                                let dst = MatMut::row_major(dc, k, t);
+                                product(by_image, dst, wm.t(), gy, false);
+                                col2im_band(&g, dc, r0, nr, dxi);
                             }
                         }
+                        dw
+                    };
+                    match (want_cols_dx, by_image) {
+                        (true, true) => dx
+                            .par_chunks_mut(plane_in)
+                            .enumerate()
+                            .map(|(img, dxi)| image(img, Some(dxi)))
+                            .collect(),
+                        (true, false) => dx
+                            .chunks_mut(plane_in)
+                            .enumerate()
+                            .map(|(img, dxi)| image(img, Some(dxi)))
+                            .collect(),
+                        (false, true) => {
+                            (0..n).into_par_iter().map(|img| image(img, None)).collect()
+                        }
+                        (false, false) => (0..n).map(|img| image(img, None)).collect(),
                     }
                 })
             })
         })???;
+        let mut dw = vec![0f32; cout * k];
+        for part in &parts {
+            for (d, v) in dw.iter_mut().zip(part) {
+                *d += v;
+            }
+        }
         let dx = if want_dx {
             Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
         } else {
