@@ -120,20 +120,15 @@ fn calibrate_select_and_pack_on_generated_data() {
     );
 
     // A per-dataset downscale is part of the folder's settings; an unknown name is refused.
-    let mut other = args.clone();
-    other.extend(["--downscale", "small=2", "--status"]);
-    let (ok, _, err) = ccnet(&other);
-    assert!(
-        !ok && err.contains("per-dataset downscale") && err.contains("small"),
-        "{err}"
-    );
-    let mut unknown = args.clone();
-    unknown.extend(["--downscale", "nosuch=2", "--status"]);
-    let (ok, _, err) = ccnet(&unknown);
-    assert!(
-        !ok && err.contains("`nosuch`") && err.contains("large"),
-        "{err}"
-    );
+    for (spec, says) in [
+        ("small=2", ["per-dataset downscale", "small"]),
+        ("nosuch=2", ["`nosuch`", "large"]),
+    ] {
+        let mut refused = args.clone();
+        refused.extend(["--downscale", spec, "--status"]);
+        let (ok, _, err) = ccnet(&refused);
+        assert!(!ok && says.iter().all(|w| err.contains(w)), "{spec}: {err}");
+    }
 
     // Selection under a disk budget picks the largest α that fits.
     let (ok, out, err) = ccnet(&[
