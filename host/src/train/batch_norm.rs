@@ -27,14 +27,13 @@
 //! (and candle's broadcast add for biases instead of [`super::conv::BiasAdd`]: the mode
 //! covers all of the executor's fused element-wise ops).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::conv;
+use super::op_switch::OpSwitch;
 
 /// Which batch norm the executor uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,45 +46,30 @@ pub enum Mode {
     Candle,
 }
 
-/// 0: not decided yet, else `Mode as u8 + 1`.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// The batch-norm switch: `CCNET_BN` (`fused`, `candle`).
+static SWITCH: OpSwitch = OpSwitch::new("CCNET_BN", "fused");
 
 /// The batch-norm mode: set by [`set_mode`], else from `CCNET_BN` (`fused`, `candle`),
 /// else fused exactly when the convolutions are the fast ones (`CCNET_CONV` unset or
 /// `fast`; `CCNET_CONV=candle` and `im2col` keep candle's batch norm, so those modes
 /// measure what they did before).
 pub fn mode() -> Mode {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Mode::Fused,
-        2 => Mode::Candle,
-        _ => match std::env::var("CCNET_BN").as_deref() {
-            Ok("candle") => Mode::Candle,
-            Ok("fused") => Mode::Fused,
-            _ => {
-                if conv::mode() == conv::Mode::Fast {
-                    Mode::Fused
-                } else {
-                    Mode::Candle
-                }
-            }
-        },
+    if SWITCH.own() {
+        Mode::Fused
+    } else {
+        Mode::Candle
     }
 }
 
 /// Selects the batch norm for the whole process (benchmarks and tests compare them);
 /// `None` goes back to the environment / convolution-mode default.
 pub fn set_mode(m: Option<Mode>) {
-    let v = match m {
-        None => 0,
-        Some(Mode::Fused) => 1,
-        Some(Mode::Candle) => 2,
-    };
-    MODE.store(v, Ordering::Relaxed);
+    SWITCH.set(m.map(|m| m == Mode::Fused));
 }
 
 /// Whether the executor should use [`BatchNormOp`] for `x` (fused mode, CPU, `f32`).
 pub fn use_fused(x: &Tensor) -> bool {
-    mode() == Mode::Fused && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
+    SWITCH.applies(x)
 }
 
 /// Per-channel statistics of one call: the mean, the biased variance (training: of the

@@ -2,9 +2,10 @@
 //! CUDA behind the `cuda` feature).
 //!
 //! * [`executor`]: one interpreter of the graph for every architecture.
-//! * [`conv`]: fast CPU convolutions (im2col / col2im ops and candle's matmul).
+//! * [`conv`]: fast CPU convolutions (banded im2col + GEMM, direct kernels on large planes).
 //! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
 //! * [`pool`]: exact CPU max-pool (the whole gradient to each window's first maximum).
+//! * [`op_switch`]: the process-wide choice between those own ops and candle's.
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
 //! * [`metrics`]: foreground F1 (Dice) and IU (Jaccard).
@@ -23,6 +24,7 @@ pub mod infer;
 pub mod init;
 pub mod loss;
 pub mod metrics;
+pub mod op_switch;
 pub mod optim;
 pub mod pool;
 pub mod recipe;

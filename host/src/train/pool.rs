@@ -21,13 +21,12 @@
 //! exact exactly when the convolutions are the fast ones (`CCNET_CONV` unset or `fast`),
 //! so `CCNET_CONV=candle` and `im2col` keep candle's pool and reproduce earlier runs.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv;
+use super::op_switch::OpSwitch;
 
 /// Which max-pool the executor uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,43 +37,28 @@ pub enum Mode {
     Candle,
 }
 
-/// 0: not decided (environment / convolution mode), else `Mode as u8 + 1`.
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// The max-pool switch: `CCNET_POOL` (`exact`, `candle`).
+static SWITCH: OpSwitch = OpSwitch::new("CCNET_POOL", "exact");
 
 /// The max-pool mode: set by [`set_mode`], else from `CCNET_POOL` (`exact`, `candle`),
 /// else exact exactly when the convolutions are the fast ones ([`conv::Mode::Fast`]).
 pub fn mode() -> Mode {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Mode::Exact,
-        2 => Mode::Candle,
-        _ => match std::env::var("CCNET_POOL").as_deref() {
-            Ok("exact") => Mode::Exact,
-            Ok("candle") => Mode::Candle,
-            _ => {
-                if conv::mode() == conv::Mode::Fast {
-                    Mode::Exact
-                } else {
-                    Mode::Candle
-                }
-            }
-        },
+    if SWITCH.own() {
+        Mode::Exact
+    } else {
+        Mode::Candle
     }
 }
 
 /// Selects the max-pool for the whole process (tests and benchmarks compare them);
 /// `None` goes back to the environment / convolution-mode default.
 pub fn set_mode(m: Option<Mode>) {
-    let v = match m {
-        None => 0,
-        Some(Mode::Exact) => 1,
-        Some(Mode::Candle) => 2,
-    };
-    MODE.store(v, Ordering::Relaxed);
+    SWITCH.set(m.map(|m| m == Mode::Exact));
 }
 
 /// Whether the executor should use [`MaxPoolOp`] for `x` (exact mode, CPU, `f32`).
 pub fn use_exact(x: &Tensor) -> bool {
-    mode() == Mode::Exact && matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
+    SWITCH.applies(x)
 }
 
 /// Minimum elements per rayon task.
@@ -256,7 +240,7 @@ impl CustomOp1 for MaxPoolOp {
 /// Max-pool of `x` `(N, C, H, W)` with kernel `kernel` and stride `stride`, no padding,
 /// as [`MaxPoolOp`] (differentiable; CPU `f32`).
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+    if !conv::supports(x) {
         bail!("max pool op: CPU f32 tensors only");
     }
     Ok(x.contiguous()?.apply_op1(MaxPoolOp { kernel, stride })?)
