@@ -162,7 +162,8 @@ pub struct Sweep {
     pub alphas: Vec<Alpha>,
     /// Seeds per point.
     pub seeds: u64,
-    /// Training recipe of every run (its `downscale` is replaced per dataset).
+    /// Training recipe of every run; its `downscale` is `downscale.default`, replaced per
+    /// dataset by [`Sweep::recipe_for`].
     pub recipe: Recipe,
     /// Downscale factor per dataset.
     pub downscale: Downscale,
@@ -234,11 +235,9 @@ impl Sweep {
     /// Another calibration's folder is a clear error naming what differs.
     pub fn check_owner(&self, claim: bool) -> Result<()> {
         let path = self.runs_dir.join(OWNER_FILE);
-        let mut recipe = self.recipe.clone();
-        recipe.downscale = self.downscale.default;
         let mine = Owner {
             arch: self.arch.name().to_string(),
-            recipe: serde_json::to_value(&recipe)?,
+            recipe: serde_json::to_value(&self.recipe)?,
             downscale_per_dataset: self.downscale.per_dataset.clone(),
         };
         if path.exists() {
