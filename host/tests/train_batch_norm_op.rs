@@ -5,16 +5,15 @@
 //! large mean); with central finite differences; and a tiny U-Net trains along the same
 //! loss trajectory with either batch norm.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use ccnet_host::train::batch_norm::{self, Mode};
 use ccnet_host::train::conv;
 use ccnet_host::train::executor::{self, Network};
-use ccnet_host::train::loss::{loss, LossKind};
-use ccnet_host::train::optim::Adam;
 use ccnet_host::train::rng::Rng;
-use ccnet_models::{build, Arch, ArchConfig};
-use ccnet_shared::alpha::Alpha;
+use common::tiny_unet;
 
 const EPS: f32 = 1e-5;
 
@@ -222,22 +221,7 @@ fn inference_mode_gradients_match_finite_differences() {
 /// two steps without either being wrong.)
 #[test]
 fn tiny_unet_trains_the_same_with_either_batch_norm() -> Result<()> {
-    let cfg = ArchConfig {
-        arch: Arch::Unet,
-        alpha: Alpha::parse("1/16").unwrap(),
-        in_channels: 1,
-        classes: 2,
-        batch_norm: true,
-    };
-    let nodes = build(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (n, s) = (2, 32);
-    let mut rng = Rng::new(5, 1);
-    let x = randn(&mut rng, &[n, 1, s, s], 1.0, 0.2);
-    let fg: Vec<f32> = (0..n * s * s)
-        .map(|_| if rng.uniform() < 0.3 { 1.0 } else { 0.0 })
-        .collect();
-    let fg = Tensor::from_vec(fg, (n, 1, s, s), &Device::Cpu)?;
-    let y = Tensor::cat(&[&fg.affine(-1.0, 1.0)?, &fg], 1)?;
+    let (nodes, x, y) = tiny_unet::batch(0.2)?;
     let mut runs = Vec::new();
     // Only the batch norms differ between the two runs: candle's pool in both (the
     // exact pool's sharper gradients amplify rounding differences past the tolerance).
@@ -245,20 +229,7 @@ fn tiny_unet_trains_the_same_with_either_batch_norm() -> Result<()> {
     for mode in [Mode::Candle, Mode::Fused] {
         batch_norm::set_mode(Some(mode));
         let net = Network::new(&nodes, &Device::Cpu, &mut Rng::new(2, 1))?;
-        let vars = || {
-            net.trainable_names()
-                .iter()
-                .map(|k| (k, &net.params()[k]))
-                .collect::<Vec<_>>()
-        };
-        let mut adam = Adam::new(vars())?;
-        let mut losses = Vec::new();
-        for _ in 0..6 {
-            let (l, _) = loss(LossKind::CrossEntropyDice, &net.forward(&x, true)?, &y)?;
-            losses.push(l.to_scalar::<f32>()?);
-            let g = l.backward()?;
-            adam.step(vars(), &g, 1e-3)?;
-        }
+        let losses = tiny_unet::adam_steps(&net, &x, &y, 6, |_, _| {})?;
         let eval = net.forward(&x, false)?;
         runs.push((losses, net.tensors(), eval));
     }

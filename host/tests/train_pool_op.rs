@@ -8,15 +8,14 @@
 
 use std::sync::Mutex;
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 use ccnet_host::train::executor::Network;
-use ccnet_host::train::loss::{loss, LossKind};
-use ccnet_host::train::optim::Adam;
 use ccnet_host::train::pool::{self, Mode};
 use ccnet_host::train::rng::Rng;
-use ccnet_models::{build, Arch, ArchConfig};
-use ccnet_shared::alpha::Alpha;
+use common::tiny_unet;
 
 /// Tests that change the process-wide pool mode run one at a time.
 static MODE_LOCK: Mutex<()> = Mutex::new(());
@@ -226,30 +225,10 @@ fn candle_gradient_is_the_exact_one_over_four() {
     }
 }
 
-fn tiny_unet() -> Result<(Vec<ccnet_shared::graph::Op>, Tensor, Tensor)> {
-    let cfg = ArchConfig {
-        arch: Arch::Unet,
-        alpha: Alpha::parse("1/16").unwrap(),
-        in_channels: 1,
-        classes: 2,
-        batch_norm: true,
-    };
-    let nodes = build(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (n, s) = (2, 32);
-    let mut rng = Rng::new(5, 1);
-    let x = randn(&mut rng, &[n, 1, s, s]);
-    let fg: Vec<f32> = (0..n * s * s)
-        .map(|_| if rng.uniform() < 0.3 { 1.0 } else { 0.0 })
-        .collect();
-    let fg = Tensor::from_vec(fg, (n, 1, s, s), &Device::Cpu)?;
-    let y = Tensor::cat(&[&fg.affine(-1.0, 1.0)?, &fg], 1)?;
-    Ok((nodes, x, y))
-}
-
 #[test]
 fn tiny_unet_trains_with_the_exact_pool() -> Result<()> {
     let _lock = MODE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let (nodes, x, y) = tiny_unet()?;
+    let (nodes, x, y) = tiny_unet::batch(0.0)?;
     let mut first_grads = Vec::new();
     let mut evals = Vec::new();
     for mode in [Mode::Candle, Mode::Exact] {
@@ -257,26 +236,14 @@ fn tiny_unet_trains_with_the_exact_pool() -> Result<()> {
         let net = Network::new(&nodes, &Device::Cpu, &mut Rng::new(2, 1))?;
         // Forward values do not depend on the pool (same maxima).
         evals.push(flat(&net.forward(&x, false)?));
-        let vars = || {
-            net.trainable_names()
-                .iter()
-                .map(|k| (k, &net.params()[k]))
-                .collect::<Vec<_>>()
-        };
-        let mut adam = Adam::new(vars())?;
-        let mut losses = Vec::new();
-        for step in 0..6 {
-            let (l, _) = loss(LossKind::CrossEntropyDice, &net.forward(&x, true)?, &y)?;
-            losses.push(l.to_scalar::<f32>()?);
-            let g = l.backward()?;
+        let losses = tiny_unet::adam_steps(&net, &x, &y, 6, |step, g| {
             if step == 0 {
                 // The first convolution's weight gradient (reached through the pools
                 // and the skip connection).
                 let name = &net.trainable_names()[0];
                 first_grads.push(flat(g.get(net.params()[name].as_tensor()).unwrap()));
             }
-            adam.step(vars(), &g, 1e-3)?;
-        }
+        })?;
         assert!(
             losses.iter().all(|l| l.is_finite()) && losses[5] < losses[0],
             "{mode:?}: the loss goes down: {losses:?}"

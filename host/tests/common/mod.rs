@@ -8,6 +8,8 @@ use std::process::Command;
 
 use image::{GrayImage, Luma};
 
+pub mod tiny_unet;
+
 /// A fresh, empty scratch folder `<tmp>/ccnet-<group>-<name>-<pid>`.
 pub fn scratch(group: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ccnet-{group}-{name}-{}", std::process::id()));
