@@ -33,6 +33,7 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_data::{contiguous_f32, min_items, with_f32};
 use super::op_switch::OpSwitch;
 
 /// Which batch norm the executor uses.
@@ -91,29 +92,6 @@ pub struct BatchNormOp {
     pub eps: f32,
     /// Training: filled by the forward pass. Inference: the running statistics.
     pub stats: Arc<Mutex<Stats>>,
-}
-
-/// Minimum elements per rayon task.
-const MIN_TASK: usize = 1 << 14;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch norm: {what} must be contiguous"),
-    }
-}
-
-/// Runs `f` on the `f32` data of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (st, l) = t.storage_and_layout();
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("batch norm: tensor must be contiguous");
-    };
-    match &*st {
-        candle_core::Storage::Cpu(c) => Ok(f(&c.as_slice::<f32>()?[a..b])),
-        _ => candle_core::bail!("batch norm: CPU tensors only"),
-    }
 }
 
 /// `Σ (x − k)` and `Σ (x − k)²` over one plane, in `f64`.
@@ -181,12 +159,6 @@ fn affine(x: f32, mean: f32, scale: f32, beta: f32) -> f32 {
     (x - mean) * scale + beta
 }
 
-/// Per-plane tasks over `n · c` planes of `plane` elements: the `with_min_len` that keeps
-/// a task at least [`MIN_TASK`] elements.
-fn min_planes(plane: usize) -> usize {
-    (MIN_TASK / plane.max(1)).max(1)
-}
-
 /// Sums per channel of per-plane partial results (plane `i` = image `i / c`, channel
 /// `i % c`), in image order.
 fn reduce_channels(parts: &[(f64, f64)], c: usize) -> Vec<(f64, f64)> {
@@ -211,9 +183,9 @@ impl BatchNormOp {
         s3: &'a CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<Checked<'a>> {
-        let x = contiguous(s1, l1, "x")?;
-        let gamma = contiguous(s2, l2, "gamma")?;
-        let beta = contiguous(s3, l3, "beta")?;
+        let x = contiguous_f32(s1, l1, "batch norm: x")?;
+        let gamma = contiguous_f32(s2, l2, "batch norm: gamma")?;
+        let beta = contiguous_f32(s3, l3, "batch norm: beta")?;
         let &[n, c, h, w] = l1.dims() else {
             candle_core::bail!("batch norm: x must be (N, C, H, W), got {:?}", l1.dims());
         };
@@ -255,7 +227,7 @@ impl CustomOp3 for BatchNormOp {
             let shift: Vec<f32> = (0..c).map(|ch| x[ch * plane]).collect();
             let parts: Vec<(f64, f64)> = x
                 .par_chunks(plane)
-                .with_min_len(min_planes(plane))
+                .with_min_len(min_items(plane))
                 .enumerate()
                 .map(|(i, p)| plane_sums(p, shift[i % c]))
                 .collect();
@@ -282,7 +254,7 @@ impl CustomOp3 for BatchNormOp {
         let relu = self.relu;
         y.par_chunks_mut(plane)
             .zip(x.par_chunks(plane))
-            .with_min_len(min_planes(plane))
+            .with_min_len(min_items(plane))
             .enumerate()
             .for_each(|(i, (yp, xp))| {
                 let ch = i % c;
@@ -330,7 +302,7 @@ impl CustomOp3 for BatchNormOp {
             with_f32(&grad, |gs| {
                 xs.par_chunks(plane)
                     .zip(gs.par_chunks(plane))
-                    .with_min_len(min_planes(plane))
+                    .with_min_len(min_items(plane))
                     .enumerate()
                     .map(|(i, (xp, gp))| {
                         let ch = i % c;
@@ -357,7 +329,7 @@ impl CustomOp3 for BatchNormOp {
                 with_f32(&grad, |gs| {
                     dx.par_chunks_mut(plane)
                         .zip(xs.par_chunks(plane).zip(gs.par_chunks(plane)))
-                        .with_min_len(min_planes(plane))
+                        .with_min_len(min_items(plane))
                         .enumerate()
                         .for_each(|(i, (dp, (xp, gp)))| {
                             let ch = i % c;

@@ -33,6 +33,7 @@ use rayon::prelude::*;
 
 use ccnet_device::kernels::{conv2d_f32_fast, ConvGeom, Params};
 
+use super::cpu_data::{contiguous_f32, min_items, with_f32};
 use crate::kernels::gemm::{self, MatMut, MatRef};
 
 /// Which convolutions the executor uses.
@@ -169,17 +170,6 @@ impl Geom {
     }
 }
 
-/// Minimum elements per rayon task, so tiny layers do not drown in scheduling.
-const MIN_TASK: usize = 1 << 14;
-
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: the input must be contiguous"),
-    }
-}
-
 /// Fills one row of the column matrix of image plane `src` (`h × w`) for kernel tap
 /// `(i, j)`: output rows `oh0 ..` (as many as `dst` holds).
 fn im2col_row(g: &Geom, src: &[f32], i: usize, j: usize, oh0: usize, dst: &mut [f32]) {
@@ -253,7 +243,7 @@ impl CustomOp1 for Im2Col {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let x = contiguous_f32(s, l, "im2col")?;
+        let x = contiguous_f32(s, l, "im2col: the input")?;
         let plane = g.h * g.w;
         let n = x.len() / (g.c * plane).max(1);
         if l.dims() != [n, g.c, g.h, g.w] {
@@ -263,7 +253,7 @@ impl CustomOp1 for Im2Col {
         let mut out = vec![0f32; n * rows * p];
         let k2 = g.kh * g.kw;
         out.par_chunks_mut(p)
-            .with_min_len((MIN_TASK / p.max(1)).max(1))
+            .with_min_len(min_items(p))
             .enumerate()
             .for_each(|(r, dst)| {
                 let (img, kr) = (r / rows, r % rows);
@@ -291,7 +281,7 @@ impl CustomOp1 for Col2Im {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let cols = contiguous_f32(s, l, "col2im")?;
+        let cols = contiguous_f32(s, l, "col2im: the input")?;
         let (rows, p) = (g.rows(), g.cols());
         let n = cols.len() / (rows * p).max(1);
         if l.dims() != [n, rows, p] {
@@ -301,7 +291,7 @@ impl CustomOp1 for Col2Im {
         let k2 = g.kh * g.kw;
         let mut out = vec![0f32; n * g.c * plane];
         out.par_chunks_mut(plane)
-            .with_min_len((MIN_TASK / (plane * k2).max(1)).max(1))
+            .with_min_len(min_items(plane * k2))
             .enumerate()
             .for_each(|(nc, dst)| {
                 // Plane `nc` = image `nc / c`, channel `nc % c`: its rows are contiguous.
@@ -455,7 +445,7 @@ fn im2col_band(g: &Geom, x: &[f32], img: usize, oh0: usize, nr: usize, out: &mut
     let k2 = g.kh * g.kw;
     out[..g.rows() * t]
         .par_chunks_mut(t)
-        .with_min_len((MIN_TASK / t.max(1)).max(1))
+        .with_min_len(min_items(t))
         .enumerate()
         .for_each(|(kr, dst)| {
             let (c, tap) = (kr / k2, kr % k2);
@@ -471,7 +461,7 @@ fn col2im_band(g: &Geom, cols: &[f32], oh0: usize, nr: usize, dx: &mut [f32]) {
     let t = nr * g.wo;
     let k2 = g.kh * g.kw;
     dx.par_chunks_mut(plane)
-        .with_min_len((MIN_TASK / (t * k2).max(1)).max(1))
+        .with_min_len(min_items(t * k2))
         .enumerate()
         .for_each(|(c, dst)| {
             for tap in 0..k2 {
@@ -486,18 +476,6 @@ fn col2im_band(g: &Geom, cols: &[f32], oh0: usize, nr: usize, dx: &mut [f32]) {
                 );
             }
         });
-}
-
-/// Runs `f` on the `f32` data of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (st, l) = t.storage_and_layout();
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("conv: tensor must be contiguous");
-    };
-    match &*st {
-        candle_core::Storage::Cpu(c) => Ok(f(&c.as_slice::<f32>()?[a..b])),
-        _ => candle_core::bail!("conv: CPU tensors only"),
-    }
 }
 
 /// Whether [`Conv2dOp`] computes the forward pass and the input gradient with the
@@ -617,8 +595,8 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, cout) = (self.g, self.cout);
-        let x = contiguous_f32(s1, l1, "conv2d")?;
-        let w = contiguous_f32(s2, l2, "conv2d")?;
+        let x = contiguous_f32(s1, l1, "conv2d: the input")?;
+        let w = contiguous_f32(s2, l2, "conv2d: the weights")?;
         let n = l1.dims()[0];
         if l1.dims() != [n, g.c, g.h, g.w] || w.len() != cout * g.rows() {
             candle_core::bail!(
@@ -799,8 +777,8 @@ impl CustomOp2 for BiasAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = contiguous_f32(s1, l1, "bias add")?;
-        let b = contiguous_f32(s2, l2, "bias add")?;
+        let y = contiguous_f32(s1, l1, "bias add: the input")?;
+        let b = contiguous_f32(s2, l2, "bias add: the bias")?;
         let &[n, c, h, w] = l1.dims() else {
             candle_core::bail!("bias add: y must be (N, C, H, W), got {:?}", l1.dims());
         };
@@ -812,7 +790,7 @@ impl CustomOp2 for BiasAdd {
         if plane > 0 {
             out.par_chunks_mut(plane)
                 .zip(y.par_chunks(plane))
-                .with_min_len((MIN_TASK / plane).max(1))
+                .with_min_len(min_items(plane))
                 .enumerate()
                 .for_each(|(i, (o, src))| {
                     let bv = b[i % c];
@@ -839,7 +817,7 @@ impl CustomOp2 for BiasAdd {
                 return Vec::new();
             }
             g.par_chunks(plane)
-                .with_min_len((MIN_TASK / plane).max(1))
+                .with_min_len(min_items(plane))
                 .map(|p| {
                     let mut acc = [0f64; 8];
                     let chunks = p.chunks_exact(8);
@@ -937,8 +915,8 @@ impl CustomOp2 for UpConvOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let s = self.stride;
-        let x = contiguous_f32(s1, l1, "upconv")?;
-        let wv = contiguous_f32(s2, l2, "upconv")?;
+        let x = contiguous_f32(s1, l1, "upconv: the input")?;
+        let wv = contiguous_f32(s2, l2, "upconv: the weights")?;
         let (&[n, cin, h, w], &[wcin, cout, kh, kw]) = (l1.dims(), l2.dims()) else {
             candle_core::bail!("upconv: shapes {:?} {:?}", l1.dims(), l2.dims());
         };
@@ -953,7 +931,7 @@ impl CustomOp2 for UpConvOp {
         let mut y = vec![0f32; n * cout * plane];
         with_f32(&z, |z| {
             y.par_chunks_mut(plane)
-                .with_min_len((MIN_TASK / plane.max(1)).max(1))
+                .with_min_len(min_items(plane))
                 .enumerate()
                 .for_each(|(idx, dst)| {
                     // Plane `idx` = image `idx / cout`, channel `idx % cout`: rows
@@ -979,7 +957,7 @@ impl CustomOp2 for UpConvOp {
         let mut g = vec![0f32; n * k * hw];
         with_f32(&grad, |gr| {
             g.par_chunks_mut(s * s * hw)
-                .with_min_len((MIN_TASK / plane.max(1)).max(1))
+                .with_min_len(min_items(plane))
                 .enumerate()
                 .for_each(|(idx, dst)| {
                     shuffle_gather(s, h, w, &gr[idx * plane..(idx + 1) * plane], dst);

@@ -5,6 +5,7 @@
 //! * [`conv`]: fast CPU convolutions (banded im2col + GEMM, direct kernels on large planes).
 //! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
 //! * [`pool`]: exact CPU max-pool (the whole gradient to each window's first maximum).
+//! * [`cpu_data`]: reading tensors in place and sizing rayon tasks for those ops.
 //! * [`op_switch`]: the process-wide choice between those own ops and candle's.
 //! * [`data`]: in-memory samples, input normalisation, augmented random crops.
 //! * [`loss`], [`optim`], [`recipe`]: what is minimised, how, and with which settings.
@@ -17,6 +18,7 @@
 pub mod batch_norm;
 pub mod checkpoint;
 pub mod conv;
+pub mod cpu_data;
 pub mod data;
 pub mod evaluate;
 pub mod executor;

@@ -26,6 +26,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv;
+use super::cpu_data::{contiguous_f32, min_items, with_f32};
 use super::op_switch::OpSwitch;
 
 /// Which max-pool the executor uses.
@@ -60,9 +61,6 @@ pub fn set_mode(m: Option<Mode>) {
 pub fn use_exact(x: &Tensor) -> bool {
     SWITCH.applies(x)
 }
-
-/// Minimum elements per rayon task.
-const MIN_TASK: usize = 1 << 14;
 
 /// Max-pool with kernel `kernel`, stride `stride`, no padding; see the module
 /// documentation.
@@ -160,33 +158,13 @@ fn unpool_plane(g: &Geom, x: &[f32], dy: &[f32], dx: &mut [f32]) {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("max pool: the input must be contiguous"),
-    }
-}
-
-/// Runs `f` on the `f32` data of a contiguous CPU tensor.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (st, l) = t.storage_and_layout();
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("max pool: tensor must be contiguous");
-    };
-    match &*st {
-        candle_core::Storage::Cpu(c) => Ok(f(&c.as_slice::<f32>()?[a..b])),
-        _ => candle_core::bail!("max pool: CPU tensors only"),
-    }
-}
-
 impl CustomOp1 for MaxPoolOp {
     fn name(&self) -> &'static str {
         "ccnet-max-pool"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l)?;
+        let x = contiguous_f32(s, l, "max pool: the input")?;
         let &[n, c, h, w] = l.dims() else {
             candle_core::bail!("max pool: input must be (N, C, H, W), got {:?}", l.dims());
         };
@@ -196,7 +174,7 @@ impl CustomOp1 for MaxPoolOp {
         if pout > 0 {
             y.par_chunks_mut(pout)
                 .zip(x.par_chunks(pin))
-                .with_min_len((MIN_TASK / pin).max(1))
+                .with_min_len(min_items(pin))
                 .for_each(|(yp, xp)| pool_plane(&g, xp, yp));
         }
         Ok((CpuStorage::F32(y), Shape::from((n, c, g.ho, g.wo))))
@@ -229,7 +207,7 @@ impl CustomOp1 for MaxPoolOp {
                 dx.par_chunks_mut(pin)
                     .zip(x.par_chunks(pin))
                     .zip(dy.par_chunks(pout))
-                    .with_min_len((MIN_TASK / pin).max(1))
+                    .with_min_len(min_items(pin))
                     .for_each(|((dxp, xp), dyp)| unpool_plane(&g, xp, dyp, dxp));
             })
         })??;
