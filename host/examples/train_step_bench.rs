@@ -147,6 +147,7 @@ fn train_step(net: &Network, adam: &mut Adam, x: &Tensor, y: &Tensor) -> Result<
 }
 
 fn main() -> Result<()> {
+    ccnet_host::kernels::allocator::keep_freed_memory();
     let a = parse_args()?;
     println!(
         "# candle CPU, {} rayon threads, batch {}, median of {} after {} warm-up",

@@ -485,9 +485,11 @@ fn banded_conv2d_matches_candle_across_band_boundaries() {
     );
 }
 
-/// Stride-1 convolutions on planes of at least 64 × 64 output pixels take the direct
-/// path (the device engine's kernels for the forward pass and the input gradient): square
-/// kernels of 1, 3 and 5 with "same" and "valid" padding, against candle.
+/// Stride-1 convolutions on planes of at least 32 × 32 output pixels take the direct
+/// path (fused-multiply-add kernels for the forward pass, the input gradient and the
+/// weight gradient; a 1 × 1 kernel has no direct weight-gradient instance and uses
+/// column matrices for it): square kernels of 1, 3 and 5 with "same" and "valid"
+/// padding, widths on and off the kernels' 16-pixel tiles, against candle.
 #[test]
 fn direct_conv2d_matches_candle() {
     banded_matches_candle(
@@ -498,6 +500,24 @@ fn direct_conv2d_matches_candle() {
             (1, 4, 2, 65, 64, 1, 1, 0),
             (1, 2, 3, 70, 66, 3, 1, 0),
             (2, 2, 6, 68, 64, 5, 1, 2),
+            (2, 5, 7, 33, 40, 3, 1, 1),
+            (1, 3, 4, 36, 36, 5, 1, 2),
+            (3, 2, 13, 32, 34, 3, 1, 0),
+        ],
+    );
+}
+
+/// Planes below 32 × 32 output pixels use column matrices for everything, against
+/// candle (the 8 × 8 and 16 × 16 levels of a U-Net).
+#[test]
+fn small_plane_conv2d_matches_candle() {
+    banded_matches_candle(
+        31,
+        "small plane",
+        &[
+            (2, 8, 6, 16, 16, 3, 1, 1),
+            (3, 5, 4, 8, 8, 3, 1, 1),
+            (1, 3, 2, 20, 12, 5, 1, 2),
         ],
     );
 }

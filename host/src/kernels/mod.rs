@@ -4,7 +4,17 @@
 //! * [`filters`]: separable image filters for the complexity measures, with AVX2 builds
 //!   chosen at run time;
 //! * [`gemm`]: strided matrix products through the `gemm` crate, for the training
-//!   convolutions (writing into and accumulating onto slices in place).
+//!   convolutions (writing into and accumulating onto slices in place);
+//! * [`direct_conv`]: stride-1 convolutions on large planes with fused multiply-adds
+//!   (AVX2 register tiles over zero-padded images), the forward pass and the input
+//!   gradient of the training convolutions;
+//! * [`weight_grad`]: the weight gradient of stride-1 convolutions on large planes,
+//!   computed directly (AVX2 + FMA register tiles over zero-padded images);
+//! * [`allocator`]: the settings of mimalloc, the allocator of the `ccnet` binary and
+//!   the benches (a call through its C API).
 
+pub mod allocator;
+pub mod direct_conv;
 pub mod filters;
 pub mod gemm;
+pub mod weight_grad;

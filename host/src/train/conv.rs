@@ -34,7 +34,9 @@ use rayon::prelude::*;
 use ccnet_device::kernels::{conv2d_f32_fast, ConvGeom, Params};
 
 use super::cpu_data::{contiguous_f32, min_items, with_f32};
+use crate::kernels::direct_conv::{conv2d_direct, DirectGeom};
 use crate::kernels::gemm::{self, MatMut, MatRef};
+use crate::kernels::weight_grad::{conv_weight_grad, WeightGradGeom};
 
 /// Which convolutions the executor uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -478,11 +480,13 @@ fn col2im_band(g: &Geom, cols: &[f32], oh0: usize, nr: usize, dx: &mut [f32]) {
         });
 }
 
-/// Whether [`Conv2dOp`] computes the forward pass and the input gradient with the
-/// device engine's direct convolution kernels (register-blocked panels, AVX2 where the
-/// CPU has it) instead of column matrices: square kernels, stride 1, no dilation.
-/// Only for planes of at least [`DIRECT_MIN_PIXELS`] output pixels: on small planes with
-/// many channels the column-matrix products are faster.
+/// Whether [`Conv2dOp`] computes the forward pass, the input gradient and the weight
+/// gradient directly instead of through column matrices: square kernels, stride 1, no
+/// dilation. The forward pass and the input gradient use
+/// [`crate::kernels::direct_conv`] where the CPU has AVX2 and FMA (else the device
+/// engine's panel kernels), the weight gradient [`crate::kernels::weight_grad`] (else
+/// column matrices). Only for planes of at least [`DIRECT_MIN_PIXELS`] output pixels: on
+/// smaller planes (8 × 8 and below) the column-matrix products are faster.
 fn direct(g: &Geom) -> bool {
     g.stride == 1
         && g.dilation == 1
@@ -492,7 +496,7 @@ fn direct(g: &Geom) -> bool {
 }
 
 /// Output pixels per plane from which [`Conv2dOp`] uses the direct kernels.
-const DIRECT_MIN_PIXELS: usize = 64 * 64;
+const DIRECT_MIN_PIXELS: usize = 32 * 32;
 
 /// [`DIRECT_MIN_PIXELS`], or `CCNET_CONV_DIRECT_MIN` (for tuning; a huge value turns the
 /// direct kernels off).
@@ -522,12 +526,42 @@ fn stride1_geom(
     })
 }
 
-/// One image's direct convolution `y = conv(x, w)` (`w` `[cout, cin, k, k]`) through the
-/// device engine's kernel.
-fn direct_conv(g: &ConvGeom, x: &[f32], w: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
-    let wb: &[u8] = bytemuck::cast_slice(w);
-    conv2d_f32_fast(g, x, Params::F32(wb), None, false, y)
-        .map_err(|_| candle_core::Error::Msg(format!("conv: buffers do not match {g:?}")))
+/// The direct convolution `y = conv(x, w)` of a batch (`x` `(n, cin, h, w)`, `w`
+/// `[cout, cin, k, k]`, stride 1, zero padding `pad`): the host's fused-multiply-add
+/// kernel where the CPU has AVX2 and FMA, else the device engine's panel kernel, one
+/// image per rayon task.
+#[allow(clippy::too_many_arguments)]
+fn direct_conv(
+    n: usize,
+    cin: usize,
+    cout: usize,
+    (h, w): (usize, usize),
+    k: usize,
+    pad: usize,
+    x: &[f32],
+    wt: &[f32],
+    y: &mut [f32],
+) -> candle_core::Result<()> {
+    let hg = DirectGeom {
+        cin,
+        cout,
+        h,
+        w,
+        k,
+        pad,
+    };
+    if conv2d_direct(&hg, n, x, wt, y) {
+        return Ok(());
+    }
+    let dg = stride1_geom(cin, cout, (h, w), k, pad)?;
+    let wb: &[u8] = bytemuck::cast_slice(wt);
+    let (in_image, out_image) = (cin * h * w, y.len() / n.max(1));
+    y.par_chunks_mut(out_image.max(1))
+        .zip(x.par_chunks(in_image.max(1)))
+        .try_for_each(|(yi, xi)| {
+            conv2d_f32_fast(&dg, xi, Params::F32(wb), None, false, yi)
+                .map_err(|_| candle_core::Error::Msg(format!("conv: buffers do not match {dg:?}")))
+        })
 }
 
 /// The weights of the input-gradient convolution of a stride-1 convolution:
@@ -609,11 +643,7 @@ impl CustomOp2 for Conv2dOp {
         let k = g.rows();
         let mut y = vec![0f32; n * cout * p];
         if direct(&g) && p > 0 {
-            let plane_in = g.c * g.h * g.w;
-            let dg = stride1_geom(g.c, cout, (g.h, g.w), g.kh, g.padding)?;
-            y.par_chunks_mut(cout * p)
-                .zip(x.par_chunks(plane_in))
-                .try_for_each(|(yi, xi)| direct_conv(&dg, xi, w, yi))?;
+            direct_conv(n, g.c, cout, (g.h, g.w), g.kh, g.padding, x, w, &mut y)?;
             return Ok((CpuStorage::F32(y), Shape::from((n, cout, g.ho, g.wo))));
         }
         let wm = MatRef::row_major(w, cout, k);
@@ -668,74 +698,104 @@ impl CustomOp2 for Conv2dOp {
             with_f32(&grad, |gr| {
                 with_f32(&w, |ws| {
                     let wt = flip_transpose(ws, cout, g.c, g.kh);
-                    let dg = stride1_geom(cout, g.c, (g.ho, g.wo), g.kh, g.kh - 1 - g.padding)?;
-                    dx.par_chunks_mut(plane_in)
-                        .zip(gr.par_chunks(cout * p))
-                        .try_for_each(|(dxi, gi)| direct_conv(&dg, gi, &wt, dxi))
+                    let pad = g.kh - 1 - g.padding;
+                    direct_conv(n, cout, g.c, (g.ho, g.wo), g.kh, pad, gr, &wt, &mut dx)
                 })
             })???;
         }
         let want_cols_dx = want_dx && !dx_direct;
-        // One image per rayon task, with single-threaded products: the weight-gradient
-        // product is long and thin (K = pixels of a band, M × N = Cout × C·k²), which the
-        // GEMM cannot split across threads. Each image's dW part is accumulated band by
-        // band in place and the parts are summed in image order (the same result for any
-        // thread count). With fewer images than threads the images run in turn and the
-        // products use the threads.
-        let by_image = images_in_parallel(n);
-        let parts: Vec<Vec<f32>> = with_f32(&x, |xs| {
-            with_f32(&grad, |gr| {
-                with_f32(&w, |ws| {
-                    let wm = MatRef::row_major(ws, cout, k);
-                    let image = |img: usize, mut dxi: Option<&mut [f32]>| -> Vec<f32> {
-                        let mut dw = vec![0f32; cout * k];
-                        let mut cols = vec![0f32; k * band];
-                        let mut dcols = vec![0f32; if dxi.is_some() { k * band } else { 0 }];
-                        let gi = &gr[img * cout * p..(img + 1) * cout * p];
-                        for (i, (r0, nr)) in self.bands().enumerate() {
-                            let t = nr * g.wo;
-                            // dY of this band, read in place: (Cout, t) with row stride P.
-                            let gy = MatRef::new(&gi[r0 * g.wo..], cout, t, p, 1);
-                            im2col_band(&g, xs, img, r0, nr, &mut cols);
-                            let cm = MatRef::row_major(&cols[..k * t], k, t);
-                            // dW += dY_band · cols_bandᵀ.
-                            let dst = MatMut::row_major(&mut dw, cout, k);
-                            product(by_image, dst, gy, cm.t(), i > 0);
-                            if let Some(dxi) = dxi.as_deref_mut() {
-                                // dcols = Wᵀ · dY_band, then scattered back into dX.
-                                let dc = &mut dcols[..k * t];
-                                let dst = MatMut::row_major(dc, k, t);
-                                product(by_image, dst, wm.t(), gy, false);
-                                col2im_band(&g, dc, r0, nr, dxi);
-                            }
-                        }
-                        dw
-                    };
-                    match (want_cols_dx, by_image) {
-                        (true, true) => dx
-                            .par_chunks_mut(plane_in)
-                            .enumerate()
-                            .map(|(img, dxi)| image(img, Some(dxi)))
-                            .collect(),
-                        (true, false) => dx
-                            .chunks_mut(plane_in)
-                            .enumerate()
-                            .map(|(img, dxi)| image(img, Some(dxi)))
-                            .collect(),
-                        (false, true) => {
-                            (0..n).into_par_iter().map(|img| image(img, None)).collect()
-                        }
-                        (false, false) => (0..n).map(|img| image(img, None)).collect(),
-                    }
-                })
-            })
-        })???;
-        let mut dw = vec![0f32; cout * k];
-        for part in &parts {
-            for (d, v) in dw.iter_mut().zip(part) {
-                *d += v;
-            }
+        // On the same planes the weight gradient is computed directly (no column
+        // matrix) where the CPU and kernel width have an instance.
+        let mut dw_direct = None;
+        if direct(&g) && p > 0 {
+            let wg = WeightGradGeom {
+                cin: g.c,
+                cout,
+                h: g.h,
+                w: g.w,
+                k: g.kh,
+                pad: g.padding,
+            };
+            let mut dw = vec![0f32; cout * k];
+            let done = with_f32(&x, |xs| {
+                with_f32(&grad, |gr| conv_weight_grad(&wg, n, xs, gr, &mut dw))
+            })??;
+            dw_direct = done.then_some(dw);
         }
+        let want_cols_dw = dw_direct.is_none();
+        // The column-matrix route for what is left. One image per rayon task, with
+        // single-threaded products: the weight-gradient product is long and thin (K =
+        // pixels of a band, M × N = Cout × C·k²), which the GEMM cannot split across
+        // threads. Each image's dW part is accumulated band by band in place and the
+        // parts are summed in image order (the same result for any thread count). With
+        // fewer images than threads the images run in turn and the products use the
+        // threads.
+        let by_image = images_in_parallel(n);
+        let parts: Vec<Vec<f32>> = if want_cols_dx || want_cols_dw {
+            with_f32(&x, |xs| {
+                with_f32(&grad, |gr| {
+                    with_f32(&w, |ws| {
+                        let wm = MatRef::row_major(ws, cout, k);
+                        let image = |img: usize, mut dxi: Option<&mut [f32]>| -> Vec<f32> {
+                            let mut dw = vec![0f32; if want_cols_dw { cout * k } else { 0 }];
+                            let mut cols = vec![0f32; if want_cols_dw { k * band } else { 0 }];
+                            let mut dcols = vec![0f32; if dxi.is_some() { k * band } else { 0 }];
+                            let gi = &gr[img * cout * p..(img + 1) * cout * p];
+                            for (i, (r0, nr)) in self.bands().enumerate() {
+                                let t = nr * g.wo;
+                                // dY of this band, read in place: (Cout, t), row stride P.
+                                let gy = MatRef::new(&gi[r0 * g.wo..], cout, t, p, 1);
+                                if want_cols_dw {
+                                    im2col_band(&g, xs, img, r0, nr, &mut cols);
+                                    let cm = MatRef::row_major(&cols[..k * t], k, t);
+                                    // dW += dY_band · cols_bandᵀ.
+                                    let dst = MatMut::row_major(&mut dw, cout, k);
+                                    product(by_image, dst, gy, cm.t(), i > 0);
+                                }
+                                if let Some(dxi) = dxi.as_deref_mut() {
+                                    // dcols = Wᵀ · dY_band, then scattered back into dX.
+                                    let dc = &mut dcols[..k * t];
+                                    let dst = MatMut::row_major(dc, k, t);
+                                    product(by_image, dst, wm.t(), gy, false);
+                                    col2im_band(&g, dc, r0, nr, dxi);
+                                }
+                            }
+                            dw
+                        };
+                        match (want_cols_dx, by_image) {
+                            (true, true) => dx
+                                .par_chunks_mut(plane_in)
+                                .enumerate()
+                                .map(|(img, dxi)| image(img, Some(dxi)))
+                                .collect(),
+                            (true, false) => dx
+                                .chunks_mut(plane_in)
+                                .enumerate()
+                                .map(|(img, dxi)| image(img, Some(dxi)))
+                                .collect(),
+                            (false, true) => {
+                                (0..n).into_par_iter().map(|img| image(img, None)).collect()
+                            }
+                            (false, false) => (0..n).map(|img| image(img, None)).collect(),
+                        }
+                    })
+                })
+            })???
+        } else {
+            Vec::new()
+        };
+        let dw = match dw_direct {
+            Some(dw) => dw,
+            None => {
+                let mut dw = vec![0f32; cout * k];
+                for part in &parts {
+                    for (d, v) in dw.iter_mut().zip(part) {
+                        *d += v;
+                    }
+                }
+                dw
+            }
+        };
         let dx = if want_dx {
             Some(Tensor::from_vec(dx, x.shape(), &Device::Cpu)?)
         } else {

@@ -1,0 +1,346 @@
+//! Stride-1 convolution computed directly with fused multiply-adds: the forward pass and
+//! the input gradient of the training convolutions on large planes.
+//!
+//! A register tile of [`MR`] output channels × 16 output pixels of one row (two 8-lane
+//! AVX2 vectors per channel, 12 accumulators) runs over every tap `(ci, ky, kx)`: it
+//! loads the two input vectors the tap reads from a zero-padded copy of the image and
+//! multiplies them by each channel's broadcast weight. The weights of a channel block
+//! are packed tap by tap beforehand, so the broadcasts walk them in order.
+//!
+//! The device engine's panel kernel computes the same convolution without fused
+//! multiply-adds (bit-identical to its reference) and with 4-channel tiles; for training,
+//! which needs no bit-exact match to the device, this one does about twice the work per
+//! instruction. Images and channel blocks are independent rayon tasks writing disjoint
+//! output planes, so the result does not depend on the thread count.
+
+use rayon::prelude::*;
+
+/// The shape of a stride-1, undilated `k × k` convolution `cin → cout` over `h × w`
+/// planes with zero padding `pad` on every side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectGeom {
+    pub cin: usize,
+    pub cout: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+/// Output channels per register tile.
+const MR: usize = 6;
+/// Lanes of one vector (AVX2, `f32`).
+const LANES: usize = 8;
+/// Vectors per channel of a tile.
+const NV: usize = 2;
+/// Output pixels per tile.
+const NR: usize = LANES * NV;
+
+impl DirectGeom {
+    /// Output rows and columns, `None` when the kernel does not fit the padded input.
+    pub fn out(&self) -> Option<(usize, usize)> {
+        let ho = (self.h + 2 * self.pad + 1).checked_sub(self.k)?;
+        let wo = (self.w + 2 * self.pad + 1).checked_sub(self.k)?;
+        (ho > 0 && wo > 0).then_some((ho, wo))
+    }
+}
+
+/// Whether [`conv2d_direct`] computes this geometry on this CPU (AVX2 and FMA, a
+/// non-empty output).
+pub fn supported(g: &DirectGeom) -> bool {
+    g.k > 0 && g.cin > 0 && g.cout > 0 && g.out().is_some() && cpu_has_avx2_fma()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_avx2_fma() -> bool {
+    false
+}
+
+/// Sizes of the padded input: `cin × ph × pw` planes, `ph = ho + k − 1`, `pw` the output
+/// width rounded up to whole tiles plus `k − 1` (a partial tile reads zeros).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    ho: usize,
+    wo: usize,
+    ph: usize,
+    pw: usize,
+}
+
+impl Layout {
+    fn new(g: &DirectGeom) -> Option<Layout> {
+        let (ho, wo) = g.out()?;
+        Some(Layout {
+            ho,
+            wo,
+            ph: ho + g.k - 1,
+            pw: wo.div_ceil(NR) * NR + g.k - 1,
+        })
+    }
+}
+
+/// One image's input, zero-padded to the [`Layout`].
+fn pad_image(g: &DirectGeom, l: &Layout, x: &[f32]) -> Vec<f32> {
+    let mut xp = vec![0f32; g.cin * l.ph * l.pw];
+    for (src, dst) in x
+        .chunks_exact(g.h * g.w)
+        .zip(xp.chunks_exact_mut(l.ph * l.pw))
+    {
+        for (iy, row) in src.chunks_exact(g.w).enumerate() {
+            let o = (iy + g.pad) * l.pw + g.pad;
+            dst[o..o + g.w].copy_from_slice(row);
+        }
+    }
+    xp
+}
+
+/// The weights of channel block `cb` packed tap by tap: `[ci][ky][kx][j]` for the
+/// block's `MR` channels (zeros past `cout`).
+fn pack_block(g: &DirectGeom, w: &[f32], cb: usize) -> Vec<f32> {
+    let kk = g.k * g.k;
+    let mut wp = vec![0f32; g.cin * kk * MR];
+    for j in 0..MR.min(g.cout - cb * MR) {
+        let co = cb * MR + j;
+        for (t, &v) in w[co * g.cin * kk..(co + 1) * g.cin * kk].iter().enumerate() {
+            wp[t * MR + j] = v;
+        }
+    }
+    wp
+}
+
+/// `y = conv(x, w)` for a batch of `n` images: `x` `(n, cin, h, w)`, `w`
+/// `(cout, cin, k, k)`, `y` `(n, cout, ho, wo)` (overwritten), all contiguous. Returns
+/// `false`, leaving `y` untouched, where [`supported`] is false.
+///
+/// # Panics
+/// When a slice's length does not match the geometry.
+pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) -> bool {
+    if !supported(g) {
+        return false;
+    }
+    let Some(l) = Layout::new(g) else {
+        return false;
+    };
+    let plane = l.ho * l.wo;
+    let in_image = g.cin * g.h * g.w;
+    assert_eq!(x.len(), n * in_image, "direct conv: input length");
+    assert_eq!(
+        w.len(),
+        g.cout * g.cin * g.k * g.k,
+        "direct conv: weight length"
+    );
+    assert_eq!(y.len(), n * g.cout * plane, "direct conv: output length");
+    let blocks = g.cout.div_ceil(MR);
+    let packed: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|cb| pack_block(g, w, cb))
+        .collect();
+    let padded: Vec<Vec<f32>> = x
+        .par_chunks(in_image)
+        .map(|xi| pad_image(g, &l, xi))
+        .collect();
+    y.par_chunks_mut(g.cout * plane)
+        .zip(&padded)
+        .for_each(|(yi, xp)| {
+            yi.par_chunks_mut(MR * plane)
+                .zip(&packed)
+                .for_each(|(ys, wp)| block(g, &l, xp, wp, ys));
+        });
+    true
+}
+
+/// The output planes `ys` (`nb ≤ MR` channels) of one channel block of one image.
+fn block(g: &DirectGeom, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(cpu_has_avx2_fma(), "direct conv: no AVX2/FMA");
+        assert_eq!(xp.len(), g.cin * l.ph * l.pw);
+        assert_eq!(wp.len(), g.cin * g.k * g.k * MR);
+        let plane = l.ho * l.wo;
+        assert!(!ys.is_empty() && ys.len().is_multiple_of(plane) && ys.len() / plane <= MR);
+        // SAFETY: AVX2 and FMA are present, and the buffers have the lengths of the
+        // layout (all asserted above), which is what `block_avx2` reads and writes.
+        unsafe { x86::block_avx2(g.cin, g.k, l, xp, wp, ys) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (g, l, xp, wp, ys);
+        unreachable!("direct conv: not supported on this target");
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{
+        _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+
+    use super::{Layout, LANES, MR, NR, NV};
+
+    /// Safety: the CPU has AVX2 and FMA; `xp` holds `cin × ph × pw` floats with
+    /// `ph = ho + k − 1` and `pw ≥ ⌈wo / NR⌉·NR + k − 1`; `wp` holds `cin·k²·MR`;
+    /// `ys` holds `nb × ho × wo` with `1 ≤ nb ≤ MR`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_avx2(
+        cin: usize,
+        k: usize,
+        l: &Layout,
+        xp: &[f32],
+        wp: &[f32],
+        ys: &mut [f32],
+    ) {
+        let plane = l.ho * l.wo;
+        let nb = ys.len() / plane;
+        let (xs, ws) = (xp.as_ptr(), wp.as_ptr());
+        for oy in 0..l.ho {
+            let mut ox = 0;
+            while ox < l.wo {
+                let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+                let mut wt = ws;
+                for ci in 0..cin {
+                    for ky in 0..k {
+                        // SAFETY: `ci < cin` and `oy + ky < ho + k − 1 = ph`: the row
+                        // lies inside `xp`.
+                        let xrow = unsafe { xs.add((ci * l.ph + oy + ky) * l.pw + ox) };
+                        for kx in 0..k {
+                            let mut xv = [_mm256_setzero_ps(); NV];
+                            for (v, x) in xv.iter_mut().enumerate() {
+                                // SAFETY: `ox + kx + (v + 1)·LANES ≤ ⌈wo/NR⌉·NR + k − 1
+                                // ≤ pw`: inside the padded row.
+                                *x = unsafe { _mm256_loadu_ps(xrow.add(kx + v * LANES)) };
+                            }
+                            for a in acc.iter_mut() {
+                                // SAFETY: `wt` walks the `cin·k²·MR` packed weights,
+                                // one per (tap, channel), and stays inside `wp`.
+                                let wv = unsafe { _mm256_broadcast_ss(&*wt) };
+                                wt = unsafe { wt.add(1) };
+                                for v in 0..NV {
+                                    a[v] = _mm256_fmadd_ps(wv, xv[v], a[v]);
+                                }
+                            }
+                        }
+                    }
+                }
+                let n = NR.min(l.wo - ox);
+                for (j, a) in acc.iter().enumerate().take(nb) {
+                    let dst = &mut ys[j * plane + oy * l.wo + ox..][..n];
+                    let mut lanes = [0f32; NR];
+                    for (v, av) in a.iter().enumerate() {
+                        // SAFETY: `lanes` holds `NV` vectors.
+                        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(v * LANES), *av) };
+                    }
+                    dst.copy_from_slice(&lanes[..n]);
+                }
+                ox += NR;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, summed in f64.
+    fn reference(g: &DirectGeom, n: usize, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (ho, wo) = g.out().unwrap();
+        let k = g.k;
+        let mut y = vec![0f32; n * g.cout * ho * wo];
+        for img in 0..n {
+            for co in 0..g.cout {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut s = 0f64;
+                        for ci in 0..g.cin {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy + ky) as isize - g.pad as isize;
+                                    let ix = (ox + kx) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((img * g.cin + ci) * g.h + iy as usize) * g.w
+                                        + ix as usize];
+                                    let wv = w[((co * g.cin + ci) * k + ky) * k + kx];
+                                    s += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((img * g.cout + co) * ho + oy) * wo + ox] = s as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(777);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_on_odd_shapes() {
+        let shapes = [
+            // (cin, cout, h, w, k, pad, n): channel counts off the tile, widths off and on
+            // the tile, "same", "valid" and "full" padding, kernel sizes 1, 3, 5.
+            (3, 7, 9, 13, 3, 1, 2),
+            (2, 6, 17, 16, 3, 0, 1),
+            (1, 13, 11, 35, 3, 2, 3),
+            (4, 3, 12, 10, 5, 2, 2),
+            (5, 2, 8, 33, 1, 0, 1),
+            (2, 1, 9, 9, 5, 4, 1),
+        ];
+        for (i, &(cin, cout, h, w, k, pad, n)) in shapes.iter().enumerate() {
+            let g = DirectGeom {
+                cin,
+                cout,
+                h,
+                w,
+                k,
+                pad,
+            };
+            if !supported(&g) {
+                eprintln!("skipped: this CPU has no AVX2/FMA");
+                return;
+            }
+            let (ho, wo) = g.out().unwrap();
+            let x = values(n * cin * h * w, 2 * i as u32 + 1);
+            let wt = values(cout * cin * k * k, 2 * i as u32 + 2);
+            let mut y = vec![f32::NAN; n * cout * ho * wo];
+            assert!(conv2d_direct(&g, n, &x, &wt, &mut y));
+            let want = reference(&g, n, &x, &wt);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn declines_an_empty_output() {
+        let g = DirectGeom {
+            cin: 1,
+            cout: 1,
+            h: 2,
+            w: 2,
+            k: 3,
+            pad: 0,
+        };
+        assert!(!supported(&g));
+        let mut y = vec![1f32; 4];
+        assert!(!conv2d_direct(&g, 1, &[0.0; 4], &[0.0; 9], &mut y));
+        assert!(y.iter().all(|&v| v == 1.0), "y untouched");
+    }
+}
