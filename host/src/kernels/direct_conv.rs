@@ -1,8 +1,8 @@
 //! Stride-1 convolution computed directly with fused multiply-adds: the forward pass and
 //! the input gradient of the training convolutions on large planes.
 //!
-//! A register tile of [`MR`] output channels × 16 output pixels of one row (two 8-lane
-//! AVX2 vectors per channel, 12 accumulators) runs over every tap `(ci, ky, kx)`: it
+//! A register tile of 6 (or 4) output channels × 16 output pixels of one row (two 8-lane
+//! AVX2 vectors per channel, 12 or 8 accumulators) runs over every tap `(ci, ky, kx)`: it
 //! loads the two input vectors the tap reads from a zero-padded copy of the image and
 //! multiplies them by each channel's broadcast weight. The weights of a channel block
 //! are packed tap by tap beforehand, so the broadcasts walk them in order.
@@ -27,14 +27,36 @@ pub struct DirectGeom {
     pub pad: usize,
 }
 
-/// Output channels per register tile.
-const MR: usize = 6;
 /// Lanes of one vector (AVX2, `f32`).
 const LANES: usize = 8;
-/// Vectors per channel of a tile.
-const NV: usize = 2;
-/// Output pixels per tile.
-const NR: usize = LANES * NV;
+
+/// A register tile: `mr` output channels × `nv` vectors of pixels (`mr · nv` ≤ 12
+/// accumulators, plus the input vectors and one broadcast weight in 16 registers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tile {
+    mr: usize,
+    nv: usize,
+}
+
+impl Tile {
+    /// The tile for `cout` output channels: 6 × 16 pixels (the faster instance per
+    /// multiply-add), unless rounding the channels up to sixes computes over 10 % more
+    /// idle channels than rounding up to fours (16 and 32 channels: 4 × 16 pixels).
+    /// Measured in `docs/training.md`.
+    fn for_channels(cout: usize) -> Tile {
+        let (six, four) = (cout.div_ceil(6) * 6, cout.div_ceil(4) * 4);
+        if 10 * six > 11 * four {
+            Tile { mr: 4, nv: 2 }
+        } else {
+            Tile { mr: 6, nv: 2 }
+        }
+    }
+
+    /// Output pixels per tile.
+    fn nr(self) -> usize {
+        self.nv * LANES
+    }
+}
 
 impl DirectGeom {
     /// Output rows and columns, `None` when the kernel does not fit the padded input.
@@ -72,13 +94,13 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(g: &DirectGeom) -> Option<Layout> {
+    fn new(g: &DirectGeom, t: Tile) -> Option<Layout> {
         let (ho, wo) = g.out()?;
         Some(Layout {
             ho,
             wo,
             ph: ho + g.k - 1,
-            pw: wo.div_ceil(NR) * NR + g.k - 1,
+            pw: wo.div_ceil(t.nr()) * t.nr() + g.k - 1,
         })
     }
 }
@@ -99,14 +121,14 @@ fn pad_image(g: &DirectGeom, l: &Layout, x: &[f32]) -> Vec<f32> {
 }
 
 /// The weights of channel block `cb` packed tap by tap: `[ci][ky][kx][j]` for the
-/// block's `MR` channels (zeros past `cout`).
-fn pack_block(g: &DirectGeom, w: &[f32], cb: usize) -> Vec<f32> {
+/// block's `mr` channels (zeros past `cout`).
+fn pack_block(g: &DirectGeom, w: &[f32], mr: usize, cb: usize) -> Vec<f32> {
     let kk = g.k * g.k;
-    let mut wp = vec![0f32; g.cin * kk * MR];
-    for j in 0..MR.min(g.cout - cb * MR) {
-        let co = cb * MR + j;
+    let mut wp = vec![0f32; g.cin * kk * mr];
+    for j in 0..mr.min(g.cout - cb * mr) {
+        let co = cb * mr + j;
         for (t, &v) in w[co * g.cin * kk..(co + 1) * g.cin * kk].iter().enumerate() {
-            wp[t * MR + j] = v;
+            wp[t * mr + j] = v;
         }
     }
     wp
@@ -122,7 +144,8 @@ pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f3
     if !supported(g) {
         return false;
     }
-    let Some(l) = Layout::new(g) else {
+    let tile = Tile::for_channels(g.cout);
+    let Some(l) = Layout::new(g, tile) else {
         return false;
     };
     let plane = l.ho * l.wo;
@@ -134,10 +157,10 @@ pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f3
         "direct conv: weight length"
     );
     assert_eq!(y.len(), n * g.cout * plane, "direct conv: output length");
-    let blocks = g.cout.div_ceil(MR);
+    let blocks = g.cout.div_ceil(tile.mr);
     let packed: Vec<Vec<f32>> = (0..blocks)
         .into_par_iter()
-        .map(|cb| pack_block(g, w, cb))
+        .map(|cb| pack_block(g, w, tile.mr, cb))
         .collect();
     let padded: Vec<Vec<f32>> = x
         .par_chunks(in_image)
@@ -146,29 +169,37 @@ pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f3
     y.par_chunks_mut(g.cout * plane)
         .zip(&padded)
         .for_each(|(yi, xp)| {
-            yi.par_chunks_mut(MR * plane)
+            yi.par_chunks_mut(tile.mr * plane)
                 .zip(&packed)
-                .for_each(|(ys, wp)| block(g, &l, xp, wp, ys));
+                .for_each(|(ys, wp)| block(g, tile, &l, xp, wp, ys));
         });
     true
 }
 
-/// The output planes `ys` (`nb ≤ MR` channels) of one channel block of one image.
-fn block(g: &DirectGeom, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
+/// The output planes `ys` (`nb ≤ mr` channels) of one channel block of one image.
+fn block(g: &DirectGeom, t: Tile, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(cpu_has_avx2_fma(), "direct conv: no AVX2/FMA");
         assert_eq!(xp.len(), g.cin * l.ph * l.pw);
-        assert_eq!(wp.len(), g.cin * g.k * g.k * MR);
+        assert_eq!(wp.len(), g.cin * g.k * g.k * t.mr);
+        assert!(l.pw >= l.wo.div_ceil(t.nr()) * t.nr() + g.k - 1);
         let plane = l.ho * l.wo;
-        assert!(!ys.is_empty() && ys.len().is_multiple_of(plane) && ys.len() / plane <= MR);
+        assert!(!ys.is_empty() && ys.len().is_multiple_of(plane) && ys.len() / plane <= t.mr);
         // SAFETY: AVX2 and FMA are present, and the buffers have the lengths of the
-        // layout (all asserted above), which is what `block_avx2` reads and writes.
-        unsafe { x86::block_avx2(g.cin, g.k, l, xp, wp, ys) }
+        // layout for this tile (all asserted above), which is what `block_avx2` reads and
+        // writes.
+        unsafe {
+            match (t.mr, t.nv) {
+                (6, 2) => x86::block_avx2::<6, 2>(g.cin, g.k, l, xp, wp, ys),
+                (4, 2) => x86::block_avx2::<4, 2>(g.cin, g.k, l, xp, wp, ys),
+                _ => unreachable!("direct conv: no instance for {t:?}"),
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (g, l, xp, wp, ys);
+        let _ = (g, t, l, xp, wp, ys);
         unreachable!("direct conv: not supported on this target");
     }
 }
@@ -179,13 +210,13 @@ mod x86 {
         _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
-    use super::{Layout, LANES, MR, NR, NV};
+    use super::{Layout, LANES};
 
     /// Safety: the CPU has AVX2 and FMA; `xp` holds `cin × ph × pw` floats with
-    /// `ph = ho + k − 1` and `pw ≥ ⌈wo / NR⌉·NR + k − 1`; `wp` holds `cin·k²·MR`;
-    /// `ys` holds `nb × ho × wo` with `1 ≤ nb ≤ MR`.
+    /// `ph = ho + k − 1` and `pw ≥ ⌈wo / nr⌉·nr + k − 1` (`nr = NV · LANES` ≤ 16);
+    /// `wp` holds `cin·k²·MR`; `ys` holds `nb × ho × wo` with `1 ≤ nb ≤ MR`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block_avx2(
+    pub(super) unsafe fn block_avx2<const MR: usize, const NV: usize>(
         cin: usize,
         k: usize,
         l: &Layout,
@@ -195,6 +226,7 @@ mod x86 {
     ) {
         let plane = l.ho * l.wo;
         let nb = ys.len() / plane;
+        let nr = NV * LANES;
         let (xs, ws) = (xp.as_ptr(), wp.as_ptr());
         for oy in 0..l.ho {
             let mut ox = 0;
@@ -209,7 +241,7 @@ mod x86 {
                         for kx in 0..k {
                             let mut xv = [_mm256_setzero_ps(); NV];
                             for (v, x) in xv.iter_mut().enumerate() {
-                                // SAFETY: `ox + kx + (v + 1)·LANES ≤ ⌈wo/NR⌉·NR + k − 1
+                                // SAFETY: `ox + kx + (v + 1)·LANES ≤ ⌈wo/nr⌉·nr + k − 1
                                 // ≤ pw`: inside the padded row.
                                 *x = unsafe { _mm256_loadu_ps(xrow.add(kx + v * LANES)) };
                             }
@@ -225,17 +257,17 @@ mod x86 {
                         }
                     }
                 }
-                let n = NR.min(l.wo - ox);
+                let n = nr.min(l.wo - ox);
                 for (j, a) in acc.iter().enumerate().take(nb) {
                     let dst = &mut ys[j * plane + oy * l.wo + ox..][..n];
-                    let mut lanes = [0f32; NR];
+                    let mut lanes = [0f32; 2 * LANES];
                     for (v, av) in a.iter().enumerate() {
                         // SAFETY: `lanes` holds `NV` vectors.
                         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr().add(v * LANES), *av) };
                     }
                     dst.copy_from_slice(&lanes[..n]);
                 }
-                ox += NR;
+                ox += nr;
             }
         }
     }
@@ -294,8 +326,9 @@ mod tests {
     #[test]
     fn matches_the_definition_on_odd_shapes() {
         let shapes = [
-            // (cin, cout, h, w, k, pad, n): channel counts off the tile, widths off and on
-            // the tile, "same", "valid" and "full" padding, kernel sizes 1, 3, 5.
+            // (cin, cout, h, w, k, pad, n): channel counts off the tile (6 and 2 take the
+            // 6-channel tile, 7, 13, 3 and 1 the 4-channel one), widths off and on the
+            // tile, "same", "valid" and "full" padding, kernel sizes 1, 3, 5.
             (3, 7, 9, 13, 3, 1, 2),
             (2, 6, 17, 16, 3, 0, 1),
             (1, 13, 11, 35, 3, 2, 3),
