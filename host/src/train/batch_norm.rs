@@ -280,6 +280,21 @@ impl CustomOp3 for BatchNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, gamma, beta, grad, x.track_op())
+    }
+}
+
+impl BatchNormOp {
+    /// The backward pass: the gradients of `x` (when `want_dx`), `gamma` and `beta` for
+    /// the output gradient `grad`, with the statistics of the forward pass.
+    pub(super) fn grads(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grad: &Tensor,
+        want_dx: bool,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let plane = h * w;
         let x = x.contiguous()?;
@@ -323,7 +338,7 @@ impl CustomOp3 for BatchNormOp {
             (vec![0.0; c], vec![0.0; c])
         };
         // Pass 2: dx.
-        let dx = if x.track_op() {
+        let dx = if want_dx {
             let mut dx = vec![0f32; x.elem_count()];
             with_f32(&x, |xs| {
                 with_f32(&grad, |gs| {

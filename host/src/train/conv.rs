@@ -813,9 +813,21 @@ pub fn conv2d_banded(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
+    let op = conv2d_op(x, w, padding, stride, dilation)?;
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
+/// The [`Conv2dOp`] of `conv2d(x, w)` (no bias); a channel mismatch or a kernel that
+/// does not fit is an error.
+pub fn conv2d_op(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Conv2dOp> {
     let (g, cout) = conv_geom(x, w, padding, stride, dilation)?;
-    Ok(x.contiguous()?
-        .apply_op2(&w.contiguous()?, Conv2dOp { g, cout })?)
+    Ok(Conv2dOp { g, cout })
 }
 
 /// Per-channel bias addition `y + b` on `(y, b)`, `y` `(N, C, H, W)`, `b` `[C]`, with its

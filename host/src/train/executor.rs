@@ -19,6 +19,7 @@ use ccnet_shared::graph::{Graph, Op, ParamRole};
 
 use super::batch_norm;
 use super::conv;
+use super::conv_bn;
 use super::init;
 use super::rng::Rng;
 
@@ -154,6 +155,12 @@ impl Network {
         }
         let fuse_relu = batch_norm::use_fused(x);
         let mut relu_done = vec![false; self.logits + 1];
+        // In training, a bias-free `Conv2d` whose only reader is a `BatchNorm` is computed
+        // with it as one op ([`conv_bn`], fused batch norm and fast convolutions): the
+        // convolution node passes its input on and the batch norm runs both.
+        let fuse_conv_bn =
+            train && fuse_relu && conv::mode() == conv::Mode::Fast && conv::supports(x);
+        let mut conv_into_bn = vec![false; self.logits + 1];
         let mut vals: Vec<Option<Tensor>> = vec![None; self.logits + 1];
         for id in 0..=self.logits {
             let op = self.nodes[id];
@@ -170,6 +177,16 @@ impl Network {
                         bail!("input has {c} channels, the network expects {channels}");
                     }
                     x.clone()
+                }
+                Op::Conv2d(c)
+                    if fuse_conv_bn
+                        && !c.bias
+                        && !c.relu
+                        && readers[id] == 1
+                        && matches!(self.nodes.get(id + 1), Some(&Op::BatchNorm { input, .. }) if input as usize == id) =>
+                {
+                    conv_into_bn[id + 1] = true;
+                    get(c.input)?.clone()
                 }
                 Op::Conv2d(c) => {
                     let w = self.p(name(ParamRole::Weight)?)?;
@@ -218,10 +235,18 @@ impl Network {
                     if relu_next {
                         relu_done[id + 1] = true;
                     }
+                    let conv = match self.nodes[input as usize] {
+                        Op::Conv2d(c) if conv_into_bn[id] => Some((
+                            self.p(tensor_name(&graph, input as usize, ParamRole::Weight)?)?,
+                            (c.padding.into(), c.stride.into(), c.dilation.into()),
+                        )),
+                        _ => None,
+                    };
                     self.batch_norm(
                         &graph,
                         id,
                         get(input)?,
+                        conv,
                         channels as usize,
                         eps,
                         train,
@@ -273,12 +298,17 @@ impl Network {
     /// ops. Training mode updates the running statistics the same way in both:
     /// `r ← (1 − m)·r + m·s`, `m` = [`BN_MOMENTUM`], `s` the batch mean and the unbiased
     /// batch variance (biased · M / (M − 1), `M = N·H·W`; as PyTorch).
+    ///
+    /// With `conv` = `(w, (padding, stride, dilation))` (training, fused mode), `x` is
+    /// the input of the bias-free convolution that feeds the batch norm, and both run as
+    /// one [`conv_bn::ConvBnOp`].
     #[allow(clippy::too_many_arguments)]
     fn batch_norm(
         &self,
         graph: &Graph<'_>,
         id: usize,
         x: &Tensor,
+        conv: Option<(&Tensor, (usize, usize, usize))>,
         channels: usize,
         eps: f32,
         train: bool,
@@ -290,6 +320,13 @@ impl Network {
         let rm_name = name(ParamRole::RunningMean)?;
         let rv_name = name(ParamRole::RunningVar)?;
         let fused = batch_norm::use_fused(x);
+        if let Some((w, cfg)) = conv {
+            if !(train && fused) {
+                bail!("batch norm {id}: a convolution is fused in only in fused training mode");
+            }
+            let (y, s) = conv_bn::conv_bn_train(x, w, gamma, beta, cfg, eps, relu)?;
+            return self.update_running_stats(graph, id, &y, s, channels);
+        }
         if !train {
             let (rm, rv) = (self.p(rm_name)?, self.p(rv_name)?);
             if fused {
@@ -298,18 +335,46 @@ impl Network {
             let y = batch_norm::composed_eval(x, gamma, beta, rm, rv, eps)?;
             return Ok(if relu { y.relu()? } else { y });
         }
-        let (y, mean, var) = if fused {
+        if fused {
             let (y, s) = batch_norm::fused_train(x, gamma, beta, eps, relu)?;
-            let mean = Tensor::from_vec(s.mean, channels, x.device())?;
-            let var = Tensor::from_vec(s.var, channels, x.device())?;
-            (y, mean, var)
-        } else {
-            let (y, mean, var) = batch_norm::composed_train(x, gamma, beta, eps)?;
-            let y = if relu { y.relu()? } else { y };
-            (y, mean, var)
-        };
-        // Running statistics: exponential average, unbiased variance (as PyTorch).
-        let (n, _, h, w) = x.dims4()?;
+            return self.update_running_stats(graph, id, &y, s, channels);
+        }
+        let (y, mean, var) = batch_norm::composed_train(x, gamma, beta, eps)?;
+        let y = if relu { y.relu()? } else { y };
+        self.blend_running_stats(graph, id, &y, &mean, &var)?;
+        Ok(y)
+    }
+
+    /// [`Self::blend_running_stats`] with the batch statistics of a fused op; returns
+    /// `y`.
+    fn update_running_stats(
+        &self,
+        graph: &Graph<'_>,
+        id: usize,
+        y: &Tensor,
+        s: batch_norm::Stats,
+        channels: usize,
+    ) -> Result<Tensor> {
+        let mean = Tensor::from_vec(s.mean, channels, y.device())?;
+        let var = Tensor::from_vec(s.var, channels, y.device())?;
+        self.blend_running_stats(graph, id, y, &mean, &var)?;
+        Ok(y.clone())
+    }
+
+    /// Running statistics of batch norm `id` from the batch mean and biased variance of
+    /// its output `y`'s batch: exponential average, unbiased variance (as PyTorch).
+    fn blend_running_stats(
+        &self,
+        graph: &Graph<'_>,
+        id: usize,
+        y: &Tensor,
+        mean: &Tensor,
+        var: &Tensor,
+    ) -> Result<()> {
+        let name = |role| tensor_name(graph, id, role);
+        let rm_name = name(ParamRole::RunningMean)?;
+        let rv_name = name(ParamRole::RunningVar)?;
+        let (n, _, h, w) = y.dims4()?;
         let count = (n * h * w) as f64;
         let unbias = if count > 1.0 {
             count / (count - 1.0)
@@ -325,7 +390,7 @@ impl Network {
             + var.detach().flatten_all()?.affine(m * unbias, 0.0)?)?;
         rm.set(&new_rm)?;
         rv.set(&new_rv)?;
-        Ok(y)
+        Ok(())
     }
 
     /// All parameter tensors by name (for saving).

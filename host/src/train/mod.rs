@@ -4,6 +4,7 @@
 //! * [`executor`]: one interpreter of the graph for every architecture.
 //! * [`conv`]: fast CPU convolutions (banded im2col + GEMM, direct kernels on large planes).
 //! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
+//! * [`conv_bn`]: a convolution and its training-mode batch norm (+ ReLU) as one op.
 //! * [`pool`]: exact CPU max-pool (the whole gradient to each window's first maximum).
 //! * [`cpu_data`]: reading tensors in place and sizing rayon tasks for those ops.
 //! * [`op_switch`]: the process-wide choice between those own ops and candle's.
@@ -18,6 +19,7 @@
 pub mod batch_norm;
 pub mod checkpoint;
 pub mod conv;
+pub mod conv_bn;
 pub mod cpu_data;
 pub mod data;
 pub mod evaluate;

@@ -1,0 +1,79 @@
+//! The fused convolution + batch norm op (`train::conv_bn`) gives what the two ops give
+//! in turn (`conv::conv2d_banded`, then `batch_norm::fused_train`): the output, the batch
+//! statistics and the gradients of x, the weights, gamma and beta, with and without the
+//! ReLU, on planes above and below the direct-kernel threshold, stride 1 and 2.
+
+use candle_core::{Device, Tensor, Var};
+use ccnet_host::train::rng::Rng;
+use ccnet_host::train::{batch_norm, conv, conv_bn};
+
+const EPS: f32 = 1e-5;
+
+fn randn(rng: &mut Rng, shape: &[usize], scale: f64, offset: f64) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (rng.normal() * scale + offset) as f32)
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Max |a − b| relative to max(1, max |b|).
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn fused_conv_batch_norm_matches_the_two_ops_in_turn() {
+    let mut rng = Rng::new(41, 1);
+    // (n, cin, cout, h, w, k, stride, padding)
+    let shapes = [
+        (2, 3, 5, 40, 36, 3, 1, 1),
+        (3, 4, 6, 9, 11, 3, 1, 1),
+        (2, 2, 4, 17, 16, 3, 2, 1),
+        (1, 3, 2, 12, 12, 1, 1, 0),
+    ];
+    for &(n, cin, cout, h, w, k, s, p) in &shapes {
+        for relu in [false, true] {
+            let x = randn(&mut rng, &[n, cin, h, w], 1.0, 0.2);
+            let wt = randn(&mut rng, &[cout, cin, k, k], 0.4, 0.0);
+            let gamma = randn(&mut rng, &[cout], 0.5, 1.0);
+            let beta = randn(&mut rng, &[cout], 0.5, 0.0);
+            let (y_fused, s_fused) = conv_bn::conv_bn_train(
+                x.as_tensor(),
+                wt.as_tensor(),
+                gamma.as_tensor(),
+                beta.as_tensor(),
+                (p, s, 1),
+                EPS,
+                relu,
+            )
+            .unwrap();
+            let c = conv::conv2d_banded(x.as_tensor(), wt.as_tensor(), p, s, 1).unwrap();
+            let (y_ref, s_ref) =
+                batch_norm::fused_train(&c, gamma.as_tensor(), beta.as_tensor(), EPS, relu)
+                    .unwrap();
+            let what = format!("n={n} {cin}→{cout} {h}×{w} k={k} s={s} p={p} relu={relu}");
+            assert!(
+                rel_err(&flat(&y_fused), &flat(&y_ref)) < 1e-6,
+                "{what}: output"
+            );
+            assert!(rel_err(&s_fused.mean, &s_ref.mean) < 1e-6, "{what}: mean");
+            assert!(rel_err(&s_fused.var, &s_ref.var) < 1e-6, "{what}: variance");
+            let r = randn(&mut rng, y_ref.dims(), 1.0, 0.0);
+            let g_fused = (&y_fused * r.as_tensor()).unwrap().sum_all().unwrap();
+            let g_ref = (&y_ref * r.as_tensor()).unwrap().sum_all().unwrap();
+            let (gf, gr) = (g_fused.backward().unwrap(), g_ref.backward().unwrap());
+            for (name, v) in [("x", &x), ("w", &wt), ("gamma", &gamma), ("beta", &beta)] {
+                let a = flat(gf.get(v.as_tensor()).expect("fused gradient"));
+                let b = flat(gr.get(v.as_tensor()).expect("reference gradient"));
+                assert!(rel_err(&a, &b) < 1e-5, "{what}: d{name}");
+            }
+        }
+    }
+}
