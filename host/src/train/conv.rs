@@ -935,7 +935,7 @@ pub struct UpConvOp {
 
 /// Rows `i·s + j` of `rows` (`s² × (H·W)`: one output channel of one image) scattered
 /// into its `(H·s) × (W·s)` output plane.
-fn shuffle_scatter(s: usize, h: usize, w: usize, rows: &[f32], plane: &mut [f32]) {
+pub(crate) fn shuffle_scatter(s: usize, h: usize, w: usize, rows: &[f32], plane: &mut [f32]) {
     let (wo, hw) = (w * s, h * w);
     for i in 0..s {
         for j in 0..s {
@@ -956,7 +956,7 @@ fn shuffle_scatter(s: usize, h: usize, w: usize, rows: &[f32], plane: &mut [f32]
 
 /// The adjoint (and inverse) of [`shuffle_scatter`]: an output plane gathered back into
 /// `s²` rows of `H·W`.
-fn shuffle_gather(s: usize, h: usize, w: usize, plane: &[f32], rows: &mut [f32]) {
+pub(crate) fn shuffle_gather(s: usize, h: usize, w: usize, plane: &[f32], rows: &mut [f32]) {
     let (wo, hw) = (w * s, h * w);
     for i in 0..s {
         for j in 0..s {
@@ -995,10 +995,8 @@ impl CustomOp2 for UpConvOp {
         if wcin != cin || kh != s || kw != s || s == 0 {
             candle_core::bail!("upconv: shapes {:?} {:?}, stride {s}", l1.dims(), l2.dims());
         }
-        let (hw, k) = (h * w, cout * s * s);
-        let xm = Tensor::from_slice(x, (n, cin, hw), &Device::Cpu)?;
-        let wm = Tensor::from_slice(wv, (cin, k), &Device::Cpu)?;
-        let z = wm.t()?.broadcast_left(n)?.matmul(&xm)?;
+        let hw = h * w;
+        let z = upconv_rows(x, wv, (n, cin, hw), cout * s * s)?;
         let plane = hw * s * s;
         let mut y = vec![0f32; n * cout * plane];
         with_f32(&z, |z| {
@@ -1022,7 +1020,7 @@ impl CustomOp2 for UpConvOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let s = self.stride;
-        let (n, cin, h, w) = x.dims4()?;
+        let (n, _, h, w) = x.dims4()?;
         let cout = wt.dim(1)?;
         let (hw, k, plane) = (h * w, cout * s * s, h * w * s * s);
         let grad = grad.contiguous()?;
@@ -1035,20 +1033,50 @@ impl CustomOp2 for UpConvOp {
                     shuffle_gather(s, h, w, &gr[idx * plane..(idx + 1) * plane], dst);
                 })
         })?;
-        let g = Tensor::from_vec(g, (n, k, hw), &Device::Cpu)?;
-        let wm = wt.reshape((cin, k))?;
-        let xm = x.reshape((n, cin, hw))?;
-        let dx = if x.track_op() {
-            Some(wm.broadcast_left(n)?.matmul(&g)?.reshape((n, cin, h, w))?)
-        } else {
-            None
-        };
-        let dw = xm
-            .matmul(&g.transpose(1, 2)?)?
-            .sum(0)?
-            .reshape((cin, cout, s, s))?;
+        let (dx, dw) = upconv_grads(x, wt, g, s)?;
         Ok((dx, Some(dw)))
     }
+}
+
+/// The product of an up-convolution with kernel = stride `s`: `Z = Wᵀ · X` per image,
+/// `x` `(n, cin, hw)`, `wv` `[cin, k]` with `k = cout·s²` (rows `co·s² + i·s + j`),
+/// `Z` `(n, k, hw)`; [`shuffle_scatter`] turns each channel's `s²` rows into its plane.
+pub(crate) fn upconv_rows(
+    x: &[f32],
+    wv: &[f32],
+    (n, cin, hw): (usize, usize, usize),
+    k: usize,
+) -> candle_core::Result<Tensor> {
+    let xm = Tensor::from_slice(x, (n, cin, hw), &Device::Cpu)?;
+    let wm = Tensor::from_slice(wv, (cin, k), &Device::Cpu)?;
+    wm.t()?.broadcast_left(n)?.matmul(&xm)
+}
+
+/// The gradients of an up-convolution with kernel = stride `s` (`x` `(n, cin, h, w)`,
+/// `wt` `(cin, cout, s, s)`) from `g` `(n, cout·s², h·w)`, the output gradient gathered
+/// by [`shuffle_gather`]: `dX = W · G` (when `x` needs it) and `dW = Σ X · Gᵀ`.
+pub(crate) fn upconv_grads(
+    x: &Tensor,
+    wt: &Tensor,
+    g: Vec<f32>,
+    s: usize,
+) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+    let (n, cin, h, w) = x.dims4()?;
+    let cout = wt.dim(1)?;
+    let (hw, k) = (h * w, cout * s * s);
+    let g = Tensor::from_vec(g, (n, k, hw), &Device::Cpu)?;
+    let wm = wt.reshape((cin, k))?;
+    let xm = x.reshape((n, cin, hw))?;
+    let dx = if x.track_op() {
+        Some(wm.broadcast_left(n)?.matmul(&g)?.reshape((n, cin, h, w))?)
+    } else {
+        None
+    };
+    let dw = xm
+        .matmul(&g.transpose(1, 2)?)?
+        .sum(0)?
+        .reshape((cin, cout, s, s))?;
+    Ok((dx, dw))
 }
 
 /// [`UpConvOp`]: `conv_transpose2d` with kernel = stride, no padding, no bias.

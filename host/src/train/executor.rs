@@ -22,6 +22,7 @@ use super::conv;
 use super::conv_bn;
 use super::init;
 use super::rng::Rng;
+use super::upcat;
 
 /// Batch-norm running-statistics momentum (PyTorch's default).
 pub const BN_MOMENTUM: f64 = 0.1;
@@ -161,6 +162,11 @@ impl Network {
         let fuse_conv_bn =
             train && fuse_relu && conv::mode() == conv::Mode::Fast && conv::supports(x);
         let mut conv_into_bn = vec![false; self.logits + 1];
+        // Likewise an up-convolution (kernel = stride, no padding, bias, no ReLU) whose
+        // only reader is a `Concat` behind a skip connection runs with it as one op
+        // ([`upcat`]); the up-convolution node passes its input on.
+        let fuse_upcat = conv::mode() == conv::Mode::Fast && conv::supports(x);
+        let mut upconv_into_cat = vec![false; self.logits + 1];
         let mut vals: Vec<Option<Tensor>> = vec![None; self.logits + 1];
         for id in 0..=self.logits {
             let op = self.nodes[id];
@@ -208,6 +214,18 @@ impl Network {
                     } else {
                         y
                     }
+                }
+                Op::ConvTranspose2d(c)
+                    if fuse_upcat
+                        && c.bias
+                        && !c.relu
+                        && c.padding == 0
+                        && c.kernel == c.stride
+                        && readers[id] == 1
+                        && matches!(self.nodes.get(id + 1), Some(&Op::Concat { b, .. }) if b as usize == id) =>
+                {
+                    upconv_into_cat[id + 1] = true;
+                    get(c.input)?.clone()
                 }
                 Op::ConvTranspose2d(c) => {
                     let w = self.p(name(ParamRole::Weight)?)?;
@@ -274,6 +292,14 @@ impl Network {
                     let (_, _, h, w) = t.dims4()?;
                     let f = usize::from(factor);
                     t.upsample_nearest2d(h * f, w * f)?
+                }
+                Op::Concat { a, b } if upconv_into_cat[id] => {
+                    let Op::ConvTranspose2d(c) = self.nodes[b as usize] else {
+                        bail!("node {id}: the fused up-convolution is missing");
+                    };
+                    let w = self.p(tensor_name(&graph, b as usize, ParamRole::Weight)?)?;
+                    let bias = self.p(tensor_name(&graph, b as usize, ParamRole::Bias)?)?;
+                    upcat::upconv_cat(get(a)?, get(b)?, w, bias, c.stride.into())?
                 }
                 Op::Concat { a, b } => Tensor::cat(&[get(a)?, get(b)?], 1)?,
                 Op::Add { a, b } => (get(a)? + get(b)?)?,

@@ -5,6 +5,8 @@
 //! * [`conv`]: fast CPU convolutions (banded im2col + GEMM, direct kernels on large planes).
 //! * [`batch_norm`]: fused CPU batch norm (+ ReLU) with its own backward pass.
 //! * [`conv_bn`]: a convolution and its training-mode batch norm (+ ReLU) as one op.
+//! * [`upcat`]: a decoder's up-convolution (+ bias) and its concatenation behind the
+//!   skip connection as one op.
 //! * [`pool`]: exact CPU max-pool (the whole gradient to each window's first maximum).
 //! * [`cpu_data`]: reading tensors in place and sizing rayon tasks for those ops.
 //! * [`op_switch`]: the process-wide choice between those own ops and candle's.
@@ -34,3 +36,4 @@ pub mod pool;
 pub mod recipe;
 pub mod rng;
 pub mod run;
+pub mod upcat;
