@@ -5,7 +5,7 @@
 # at a time and interleaved, so that machine load hits every side alike; prints the
 # step-time table and the ratios ccnet / PyTorch.
 #
-#   host/examples/train_step_compare.sh [alphas] [sizes] [iters]
+#   host/examples/train_step_compare.sh [alphas] [sizes] [iters]      (WARMUP=2 steps first)
 #   host/examples/train_step_compare.sh 1/16,1/8,1/4 128,256 3
 #   MODES=fast host/examples/train_step_compare.sh 1/8 256 3     # only some candle modes
 #
@@ -23,12 +23,13 @@ cd "$(dirname "$0")/../.."
 alphas=${1:-1/16,1/8,1/4}
 sizes=${2:-128,256}
 iters=${3:-3}
+warmup=${WARMUP:-2}
 threads=${THREADS:-2}
 modes=${MODES:-candle,fast-oldbn,fast}
 export RAYON_NUM_THREADS=$threads
 export CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-echo "# threads $threads, CANDLE_NUM_THREADS=$CANDLE_NUM_THREADS, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, iters $iters, modes $modes"
+echo "# threads $threads, CANDLE_NUM_THREADS=$CANDLE_NUM_THREADS, OMP_WAIT_POLICY=$OMP_WAIT_POLICY, iters $iters after $warmup warm-up, modes $modes"
 cargo build --release -q -p ccnet-host --example train_step_bench
 bin=${CARGO_TARGET_DIR:-target}/release/examples/train_step_bench
 have_torch=0
@@ -38,9 +39,9 @@ trap 'rm -f "$out"' EXIT
 for a in ${alphas//,/ }; do
   for s in ${sizes//,/ }; do
     for what in train infer; do
-      "$bin" --alphas "$a" --sizes "$s" --iters "$iters" --what "$what" --modes "$modes" | grep '^bench' | tee -a "$out"
+      "$bin" --alphas "$a" --sizes "$s" --iters "$iters" --warmup "$warmup" --what "$what" --modes "$modes" | grep '^bench' | tee -a "$out"
       if [ $have_torch = 1 ]; then
-        python3 host/examples/train_step_peer.py --alphas "$a" --sizes "$s" --iters "$iters" \
+        python3 host/examples/train_step_peer.py --alphas "$a" --sizes "$s" --iters "$iters" --warmup "$warmup" \
           --what "$what" --threads "$threads" | grep '^bench' | tee -a "$out"
       fi
     done

@@ -394,6 +394,74 @@ fn conv2d_gradients_match_finite_differences() {
     }
 }
 
+/// The direct path (a 32 × 34 plane: fused-multiply-add kernels for the forward pass and
+/// the input gradient, the direct weight gradient) against central differences. The
+/// convolution is linear in `x` and in `w`, so a large step is exact up to f32 rounding
+/// of the loss; every weight and a spread of inputs (corners, borders, interior) are
+/// checked.
+#[test]
+fn direct_conv2d_gradients_match_finite_differences() {
+    let mut rng = Rng::new(37, 1);
+    let xs = [2usize, 2, 32, 34];
+    let ws = [3usize, 2, 3, 3];
+    let x0 = flat(&randn(&mut rng, &xs));
+    let w0 = flat(&randn(&mut rng, &ws));
+    let r = randn(&mut rng, &[2, 3, 32, 34]);
+    let loss = |x: &[f32], w: &[f32]| -> f64 {
+        let x = Tensor::from_vec(x.to_vec(), &xs, &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(w.to_vec(), &ws, &Device::Cpu).unwrap();
+        let y = conv::conv2d(&x, &w, 1, 1, 1).unwrap();
+        let p: Vec<f32> = flat(&y.mul(&r).unwrap());
+        p.iter().map(|&v| f64::from(v)).sum()
+    };
+    let xv = Var::from_tensor(&Tensor::from_vec(x0.clone(), &xs, &Device::Cpu).unwrap()).unwrap();
+    let wv = Var::from_tensor(&Tensor::from_vec(w0.clone(), &ws, &Device::Cpu).unwrap()).unwrap();
+    let y = conv::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1, 1).unwrap();
+    let g = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gx = flat(g.get(xv.as_tensor()).unwrap());
+    let gw = flat(g.get(wv.as_tensor()).unwrap());
+    let h = 0.5f32;
+    let fd = |x: &[f32], w: &[f32], xi: Option<usize>, wi: Option<usize>| {
+        let (mut xa, mut xb, mut wa, mut wb) = (x.to_vec(), x.to_vec(), w.to_vec(), w.to_vec());
+        if let Some(i) = xi {
+            xa[i] += h;
+            xb[i] -= h;
+        }
+        if let Some(i) = wi {
+            wa[i] += h;
+            wb[i] -= h;
+        }
+        (loss(&xa, &wa) - loss(&xb, &wb)) / (2.0 * f64::from(h))
+    };
+    for i in 0..w0.len() {
+        let d = fd(&x0, &w0, None, Some(i));
+        assert!(
+            (d - f64::from(gw[i])).abs() < 2e-4 * d.abs().max(1.0),
+            "dL/dw[{i}]: fd {d} vs {}",
+            gw[i]
+        );
+    }
+    let plane = 32 * 34;
+    let picks = [
+        0,
+        33,
+        34 * 31,
+        plane - 1,
+        5 * 34 + 17,
+        plane + 34,
+        2 * plane + 16 * 34 + 33,
+        3 * plane + 31 * 34 + 1,
+    ];
+    for &i in &picks {
+        let d = fd(&x0, &w0, Some(i), None);
+        assert!(
+            (d - f64::from(gx[i])).abs() < 2e-4 * d.abs().max(1.0),
+            "dL/dx[{i}]: fd {d} vs {}",
+            gx[i]
+        );
+    }
+}
+
 #[test]
 fn conv_transpose2d_gradients_match_finite_differences() {
     let mut rng = Rng::new(19, 1);
