@@ -15,17 +15,7 @@
 
 use rayon::prelude::*;
 
-/// The shape of a stride-1, undilated `k × k` convolution `cin → cout` over `h × w`
-/// planes with zero padding `pad` on every side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DirectGeom {
-    pub cin: usize,
-    pub cout: usize,
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub pad: usize,
-}
+use super::stride1::{cpu_has_avx2_fma, Stride1Conv};
 
 /// Lanes of one vector (AVX2, `f32`).
 const LANES: usize = 8;
@@ -58,29 +48,10 @@ impl Tile {
     }
 }
 
-impl DirectGeom {
-    /// Output rows and columns, `None` when the kernel does not fit the padded input.
-    pub fn out(&self) -> Option<(usize, usize)> {
-        let ho = (self.h + 2 * self.pad + 1).checked_sub(self.k)?;
-        let wo = (self.w + 2 * self.pad + 1).checked_sub(self.k)?;
-        (ho > 0 && wo > 0).then_some((ho, wo))
-    }
-}
-
 /// Whether [`conv2d_direct`] computes this geometry on this CPU (AVX2 and FMA, a
 /// non-empty output).
-pub fn supported(g: &DirectGeom) -> bool {
+pub fn supported(g: &Stride1Conv) -> bool {
     g.k > 0 && g.cin > 0 && g.cout > 0 && g.out().is_some() && cpu_has_avx2_fma()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_avx2_fma() -> bool {
-    false
 }
 
 /// Sizes of the padded input: `cin × ph × pw` planes, `ph = ho + k − 1`, `pw` the output
@@ -94,7 +65,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(g: &DirectGeom, t: Tile) -> Option<Layout> {
+    fn new(g: &Stride1Conv, t: Tile) -> Option<Layout> {
         let (ho, wo) = g.out()?;
         Some(Layout {
             ho,
@@ -106,7 +77,7 @@ impl Layout {
 }
 
 /// One image's input, zero-padded to the [`Layout`].
-fn pad_image(g: &DirectGeom, l: &Layout, x: &[f32]) -> Vec<f32> {
+fn pad_image(g: &Stride1Conv, l: &Layout, x: &[f32]) -> Vec<f32> {
     let mut xp = vec![0f32; g.cin * l.ph * l.pw];
     for (src, dst) in x
         .chunks_exact(g.h * g.w)
@@ -122,7 +93,7 @@ fn pad_image(g: &DirectGeom, l: &Layout, x: &[f32]) -> Vec<f32> {
 
 /// The weights of channel block `cb` packed tap by tap: `[ci][ky][kx][j]` for the
 /// block's `mr` channels (zeros past `cout`).
-fn pack_block(g: &DirectGeom, w: &[f32], mr: usize, cb: usize) -> Vec<f32> {
+fn pack_block(g: &Stride1Conv, w: &[f32], mr: usize, cb: usize) -> Vec<f32> {
     let kk = g.k * g.k;
     let mut wp = vec![0f32; g.cin * kk * mr];
     for j in 0..mr.min(g.cout - cb * mr) {
@@ -140,7 +111,7 @@ fn pack_block(g: &DirectGeom, w: &[f32], mr: usize, cb: usize) -> Vec<f32> {
 ///
 /// # Panics
 /// When a slice's length does not match the geometry.
-pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) -> bool {
+pub fn conv2d_direct(g: &Stride1Conv, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) -> bool {
     if !supported(g) {
         return false;
     }
@@ -177,7 +148,7 @@ pub fn conv2d_direct(g: &DirectGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f3
 }
 
 /// The output planes `ys` (`nb ≤ mr` channels) of one channel block of one image.
-fn block(g: &DirectGeom, t: Tile, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
+fn block(g: &Stride1Conv, t: Tile, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(cpu_has_avx2_fma(), "direct conv: no AVX2/FMA");
@@ -276,52 +247,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The definition, summed in f64.
-    fn reference(g: &DirectGeom, n: usize, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (ho, wo) = g.out().unwrap();
-        let k = g.k;
-        let mut y = vec![0f32; n * g.cout * ho * wo];
-        for img in 0..n {
-            for co in 0..g.cout {
-                for oy in 0..ho {
-                    for ox in 0..wo {
-                        let mut s = 0f64;
-                        for ci in 0..g.cin {
-                            for ky in 0..k {
-                                for kx in 0..k {
-                                    let iy = (oy + ky) as isize - g.pad as isize;
-                                    let ix = (ox + kx) as isize - g.pad as isize;
-                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
-                                    {
-                                        continue;
-                                    }
-                                    let xv = x[((img * g.cin + ci) * g.h + iy as usize) * g.w
-                                        + ix as usize];
-                                    let wv = w[((co * g.cin + ci) * k + ky) * k + kx];
-                                    s += xv as f64 * wv as f64;
-                                }
-                            }
-                        }
-                        y[((img * g.cout + co) * ho + oy) * wo + ox] = s as f32;
-                    }
-                }
-            }
-        }
-        y
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(777);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::stride1::testing::{assert_close, each_shape, for_each_term, values};
 
     #[test]
     fn matches_the_definition_on_odd_shapes() {
@@ -336,34 +262,24 @@ mod tests {
             (5, 2, 8, 33, 1, 0, 1),
             (2, 1, 9, 9, 5, 4, 1),
         ];
-        for (i, &(cin, cout, h, w, k, pad, n)) in shapes.iter().enumerate() {
-            let g = DirectGeom {
-                cin,
-                cout,
-                h,
-                w,
-                k,
-                pad,
-            };
-            if !supported(&g) {
-                eprintln!("skipped: this CPU has no AVX2/FMA");
-                return;
-            }
+        each_shape(&shapes, |i, g, n| {
             let (ho, wo) = g.out().unwrap();
-            let x = values(n * cin * h * w, 2 * i as u32 + 1);
-            let wt = values(cout * cin * k * k, 2 * i as u32 + 2);
-            let mut y = vec![f32::NAN; n * cout * ho * wo];
+            let x = values(n * g.cin * g.h * g.w, 2 * i + 1);
+            let wt = values(g.cout * g.cin * g.k * g.k, 2 * i + 2);
+            let mut y = vec![f32::NAN; n * g.cout * ho * wo];
             assert!(conv2d_direct(&g, n, &x, &wt, &mut y));
-            let want = reference(&g, n, &x, &wt);
-            for (a, b) in y.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
-            }
-        }
+            let mut want = vec![0f64; y.len()];
+            for_each_term(&g, n, &x, |[img, co, ci, ky, kx, oy, ox], xv| {
+                let wv = wt[((co * g.cin + ci) * g.k + ky) * g.k + kx];
+                want[((img * g.cout + co) * ho + oy) * wo + ox] += xv * f64::from(wv);
+            });
+            assert_close(&y, &want, &g);
+        });
     }
 
     #[test]
     fn declines_an_empty_output() {
-        let g = DirectGeom {
+        let g = Stride1Conv {
             cin: 1,
             cout: 1,
             h: 2,

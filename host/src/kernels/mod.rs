@@ -8,6 +8,7 @@
 //! * [`direct_conv`]: stride-1 convolutions on large planes with fused multiply-adds
 //!   (AVX2 register tiles over zero-padded images), the forward pass and the input
 //!   gradient of the training convolutions;
+//! * [`stride1`]: the shape and CPU check those two kernels share;
 //! * [`weight_grad`]: the weight gradient of stride-1 convolutions on large planes,
 //!   computed directly (AVX2 + FMA register tiles over zero-padded images);
 //! * [`allocator`]: the settings of mimalloc, the allocator of the `ccnet` binary and
@@ -17,4 +18,5 @@ pub mod allocator;
 pub mod direct_conv;
 pub mod filters;
 pub mod gemm;
+pub mod stride1;
 pub mod weight_grad;

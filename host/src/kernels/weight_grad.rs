@@ -15,31 +15,12 @@
 
 use rayon::prelude::*;
 
-/// The shape of a stride-1, undilated `k × k` convolution `cin → cout` over `h × w`
-/// planes with zero padding `pad` on every side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WeightGradGeom {
-    pub cin: usize,
-    pub cout: usize,
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub pad: usize,
-}
+use super::stride1::{cpu_has_avx2_fma, Stride1Conv};
 
 /// Lanes of one vector (AVX2, `f32`).
 const LANES: usize = 8;
 /// Floats of one strip of the padded `dY` rows of a channel block (16 KiB: L1-resident).
 const STRIP_FLOATS: usize = 4096;
-
-impl WeightGradGeom {
-    /// Output rows and columns, `None` when the kernel does not fit the padded input.
-    pub fn out(&self) -> Option<(usize, usize)> {
-        let ho = (self.h + 2 * self.pad + 1).checked_sub(self.k)?;
-        let wo = (self.w + 2 * self.pad + 1).checked_sub(self.k)?;
-        (ho > 0 && wo > 0).then_some((ho, wo))
-    }
-}
 
 /// Output channels per register tile for kernel width `k` (`MR · k` accumulators of the
 /// 16 vector registers), `None` for widths without an instance.
@@ -53,18 +34,8 @@ fn tile_channels(k: usize) -> Option<usize> {
 
 /// Whether [`conv_weight_grad`] computes this geometry on this CPU (AVX2 and FMA,
 /// `k` ∈ {3, 5}, padding below `k`).
-pub fn supported(g: &WeightGradGeom) -> bool {
+pub fn supported(g: &Stride1Conv) -> bool {
     tile_channels(g.k).is_some() && g.pad < g.k && g.out().is_some() && cpu_has_avx2_fma()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_avx2_fma() -> bool {
-    false
 }
 
 /// One image's zero-padded operands: `x` as `cin × ph × pw` planes (`ph = ho + k − 1`,
@@ -90,7 +61,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(g: &WeightGradGeom, mr: usize) -> Option<Layout> {
+    fn new(g: &Stride1Conv, mr: usize) -> Option<Layout> {
         let (ho, wo) = g.out()?;
         let wv = wo.div_ceil(LANES) * LANES;
         Some(Layout {
@@ -105,7 +76,7 @@ impl Layout {
     }
 }
 
-fn pad_image(g: &WeightGradGeom, l: &Layout, x: &[f32], dy: &[f32]) -> Padded {
+fn pad_image(g: &Stride1Conv, l: &Layout, x: &[f32], dy: &[f32]) -> Padded {
     let mut xp = vec![0f32; g.cin * l.ph * l.pw];
     for (src, dst) in x
         .chunks_exact(g.h * g.w)
@@ -133,13 +104,7 @@ fn pad_image(g: &WeightGradGeom, l: &Layout, x: &[f32], dy: &[f32]) -> Padded {
 ///
 /// # Panics
 /// When a slice's length does not match the geometry.
-pub fn conv_weight_grad(
-    g: &WeightGradGeom,
-    n: usize,
-    x: &[f32],
-    dy: &[f32],
-    dw: &mut [f32],
-) -> bool {
+pub fn conv_weight_grad(g: &Stride1Conv, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) -> bool {
     if !supported(g) {
         return false;
     }
@@ -187,7 +152,7 @@ pub fn conv_weight_grad(
 
 /// The `mr` output channels of block `cb` of one image into `out`
 /// (`mr × cin × k × k`).
-fn block(g: &WeightGradGeom, l: &Layout, p: &Padded, cb: usize, out: &mut [f32]) {
+fn block(g: &Stride1Conv, l: &Layout, p: &Padded, cb: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         assert!(cpu_has_avx2_fma(), "weight grad: no AVX2/FMA");
@@ -291,52 +256,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The definition, summed in f64.
-    fn reference(g: &WeightGradGeom, n: usize, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let (ho, wo) = g.out().unwrap();
-        let k = g.k;
-        let mut dw = vec![0f64; g.cout * g.cin * k * k];
-        for img in 0..n {
-            for co in 0..g.cout {
-                for ci in 0..g.cin {
-                    for ky in 0..k {
-                        for kx in 0..k {
-                            let mut s = 0f64;
-                            for oy in 0..ho {
-                                for ox in 0..wo {
-                                    let iy = (oy + ky) as isize - g.pad as isize;
-                                    let ix = (ox + kx) as isize - g.pad as isize;
-                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
-                                    {
-                                        continue;
-                                    }
-                                    let xv = x[((img * g.cin + ci) * g.h + iy as usize) * g.w
-                                        + ix as usize];
-                                    let dv = dy[((img * g.cout + co) * ho + oy) * wo + ox];
-                                    s += xv as f64 * dv as f64;
-                                }
-                            }
-                            dw[((co * g.cin + ci) * k + ky) * k + kx] += s;
-                        }
-                    }
-                }
-            }
-        }
-        dw.into_iter().map(|v| v as f32).collect()
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::stride1::testing::{assert_close, each_shape, for_each_term, values};
 
     #[test]
     fn matches_the_definition_on_odd_shapes() {
@@ -349,34 +269,24 @@ mod tests {
             (4, 3, 12, 10, 5, 2, 2),
             (2, 1, 9, 9, 5, 0, 1),
         ];
-        for (i, &(cin, cout, h, w, k, pad, n)) in shapes.iter().enumerate() {
-            let g = WeightGradGeom {
-                cin,
-                cout,
-                h,
-                w,
-                k,
-                pad,
-            };
-            if !supported(&g) {
-                eprintln!("skipped: this CPU has no AVX2/FMA");
-                return;
-            }
+        each_shape(&shapes, |i, g, n| {
             let (ho, wo) = g.out().unwrap();
-            let x = values(n * cin * h * w, 2 * i as u32 + 1);
-            let dy = values(n * cout * ho * wo, 2 * i as u32 + 2);
-            let mut dw = vec![f32::NAN; cout * cin * k * k];
+            let x = values(n * g.cin * g.h * g.w, 2 * i + 1);
+            let dy = values(n * g.cout * ho * wo, 2 * i + 2);
+            let mut dw = vec![f32::NAN; g.cout * g.cin * g.k * g.k];
             assert!(conv_weight_grad(&g, n, &x, &dy, &mut dw));
-            let want = reference(&g, n, &x, &dy);
-            for (a, b) in dw.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{g:?}: {a} vs {b}");
-            }
-        }
+            let mut want = vec![0f64; dw.len()];
+            for_each_term(&g, n, &x, |[img, co, ci, ky, kx, oy, ox], xv| {
+                let dv = dy[((img * g.cout + co) * ho + oy) * wo + ox];
+                want[((co * g.cin + ci) * g.k + ky) * g.k + kx] += xv * f64::from(dv);
+            });
+            assert_close(&dw, &want, &g);
+        });
     }
 
     #[test]
     fn declines_what_it_has_no_instance_for() {
-        let g = WeightGradGeom {
+        let g = Stride1Conv {
             cin: 2,
             cout: 2,
             h: 8,
@@ -388,7 +298,7 @@ mod tests {
         let mut dw = vec![1f32; 2 * 2 * 49];
         assert!(!conv_weight_grad(&g, 1, &[0.0; 128], &[0.0; 128], &mut dw));
         assert!(dw.iter().all(|&v| v == 1.0), "dw untouched");
-        let too_small = WeightGradGeom {
+        let too_small = Stride1Conv {
             k: 3,
             pad: 0,
             h: 2,

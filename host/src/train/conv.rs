@@ -34,9 +34,10 @@ use rayon::prelude::*;
 use ccnet_device::kernels::{conv2d_f32_fast, ConvGeom, Params};
 
 use super::cpu_data::{contiguous_f32, min_items, with_f32};
-use crate::kernels::direct_conv::{conv2d_direct, DirectGeom};
+use crate::kernels::direct_conv::conv2d_direct;
 use crate::kernels::gemm::{self, MatMut, MatRef};
-use crate::kernels::weight_grad::{conv_weight_grad, WeightGradGeom};
+use crate::kernels::stride1::Stride1Conv;
+use crate::kernels::weight_grad::conv_weight_grad;
 
 /// Which convolutions the executor uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -542,7 +543,7 @@ fn direct_conv(
     wt: &[f32],
     y: &mut [f32],
 ) -> candle_core::Result<()> {
-    let hg = DirectGeom {
+    let hg = Stride1Conv {
         cin,
         cout,
         h,
@@ -708,7 +709,7 @@ impl CustomOp2 for Conv2dOp {
         // matrix) where the CPU and kernel width have an instance.
         let mut dw_direct = None;
         if direct(&g) && p > 0 {
-            let wg = WeightGradGeom {
+            let wg = Stride1Conv {
                 cin: g.c,
                 cout,
                 h: g.h,
