@@ -13,32 +13,10 @@ use ccnet_host::train::batch_norm::{self, Mode};
 use ccnet_host::train::conv;
 use ccnet_host::train::executor::{self, Network};
 use ccnet_host::train::rng::Rng;
+use common::tensors::{flat, randn, rel_err};
 use common::tiny_unet;
 
 const EPS: f32 = 1e-5;
-
-fn randn(rng: &mut Rng, shape: &[usize], scale: f64, offset: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.normal() * scale + offset) as f32)
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Max |a − b| relative to max(1, max |b|).
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let (a, b) = (flat(a), flat(b));
-    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
-}
 
 /// (n, c, h, w, scale, offset) of the inputs.
 const SHAPES: &[(usize, usize, usize, usize, f64, f64)] = &[

@@ -7,29 +7,18 @@
 //!   `conv_transpose2d`, a broadcast bias add and `Tensor::cat`: the output and the
 //!   gradients of the skip connection, the input, the weights and the bias.
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{Tensor, Var};
 use ccnet_host::train::rng::Rng;
 use ccnet_host::train::{batch_norm, conv, conv_bn, upcat};
+use common::tensors::{self, flat, rel_err_values as rel_err};
 
 const EPS: f32 = 1e-5;
 
+/// A variable of `shape` with normal values `N(offset, scale²)`.
 fn randn(rng: &mut Rng, shape: &[usize], scale: f64, offset: f64) -> Var {
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| (rng.normal() * scale + offset) as f32)
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-}
-
-/// Max |a − b| relative to max(1, max |b|).
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    Var::from_tensor(&tensors::randn(rng, shape, scale, offset)).unwrap()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use image::{GrayImage, Luma};
 
+pub mod tensors;
 pub mod tiny_unet;
 
 /// A fresh, empty scratch folder `<tmp>/ccnet-<group>-<name>-<pid>`.
