@@ -15,7 +15,8 @@
 
 use rayon::prelude::*;
 
-use super::stride1::{cpu_has_avx2_fma, Stride1Conv};
+use super::has_avx2_fma;
+use super::stride1::Stride1Conv;
 
 /// Lanes of one vector (AVX2, `f32`).
 const LANES: usize = 8;
@@ -51,7 +52,7 @@ impl Tile {
 /// Whether [`conv2d_direct`] computes this geometry on this CPU (AVX2 and FMA, a
 /// non-empty output).
 pub fn supported(g: &Stride1Conv) -> bool {
-    g.k > 0 && g.cin > 0 && g.cout > 0 && g.out().is_some() && cpu_has_avx2_fma()
+    g.k > 0 && g.cin > 0 && g.cout > 0 && g.out().is_some() && has_avx2_fma()
 }
 
 /// Sizes of the padded input: `cin × ph × pw` planes, `ph = ho + k − 1`, `pw` the output
@@ -151,7 +152,7 @@ pub fn conv2d_direct(g: &Stride1Conv, n: usize, x: &[f32], w: &[f32], y: &mut [f
 fn block(g: &Stride1Conv, t: Tile, l: &Layout, xp: &[f32], wp: &[f32], ys: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(cpu_has_avx2_fma(), "direct conv: no AVX2/FMA");
+        assert!(has_avx2_fma(), "direct conv: no AVX2/FMA");
         assert_eq!(xp.len(), g.cin * l.ph * l.pw);
         assert_eq!(wp.len(), g.cin * g.k * g.k * t.mr);
         assert!(l.pw >= l.wo.div_ceil(t.nr()) * t.nr() + g.k - 1);

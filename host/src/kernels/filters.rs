@@ -7,6 +7,9 @@
 //! has radius `⌊4σ + 0.5⌋`, and derivative kernels are the analytic derivatives of the
 //! sampled, sum-normalised Gaussian.
 
+#[cfg(target_arch = "x86_64")]
+use super::has_avx2_fma;
+
 /// A single-channel `f32` image, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plane {
@@ -253,12 +256,6 @@ impl PaddedRows {
             data,
         }
     }
-}
-
-/// Whether the vector kernels can run (AVX2 and FMA).
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Convolves row `y` of `src` with `k` (mirrored border, from the margins, which must

@@ -20,3 +20,16 @@ pub mod filters;
 pub mod gemm;
 pub mod stride1;
 pub mod weight_grad;
+
+/// Whether this CPU runs the AVX2 + FMA kernels (the image filters, the direct
+/// convolution and the weight gradient).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether this CPU runs the AVX2 + FMA kernels (never off x86-64).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_avx2_fma() -> bool {
+    false
+}

@@ -1,5 +1,5 @@
 //! What the stride-1 convolution kernels ([`super::direct_conv`], [`super::weight_grad`])
-//! share: the convolution's shape and the CPU check.
+//! share: the convolution's shape and their test harness.
 
 /// The shape of a stride-1, undilated `k × k` convolution `cin → cout` over `h × w`
 /// planes with zero padding `pad` on every side.
@@ -23,23 +23,12 @@ impl Stride1Conv {
     }
 }
 
-/// Whether this CPU runs the AVX2 + FMA kernels.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn cpu_has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
-/// Whether this CPU runs the AVX2 + FMA kernels (never off x86-64).
-#[cfg(not(target_arch = "x86_64"))]
-pub(super) fn cpu_has_avx2_fma() -> bool {
-    false
-}
-
 /// Test helpers of the stride-1 kernels: inputs, the convolution's terms by definition,
 /// and a loop over test shapes.
 #[cfg(test)]
 pub(super) mod testing {
-    use super::{cpu_has_avx2_fma, Stride1Conv};
+    use super::super::has_avx2_fma;
+    use super::Stride1Conv;
 
     /// Deterministic test values in [−1, 1] (xorshift).
     pub fn values(len: usize, seed: u32) -> Vec<f32> {
@@ -93,7 +82,7 @@ pub(super) mod testing {
         shapes: &[(usize, usize, usize, usize, usize, usize, usize)],
         mut check: impl FnMut(u32, Stride1Conv, usize),
     ) {
-        if !cpu_has_avx2_fma() {
+        if !has_avx2_fma() {
             eprintln!("skipped: this CPU has no AVX2/FMA");
             return;
         }

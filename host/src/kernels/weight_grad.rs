@@ -15,7 +15,8 @@
 
 use rayon::prelude::*;
 
-use super::stride1::{cpu_has_avx2_fma, Stride1Conv};
+use super::has_avx2_fma;
+use super::stride1::Stride1Conv;
 
 /// Lanes of one vector (AVX2, `f32`).
 const LANES: usize = 8;
@@ -35,7 +36,7 @@ fn tile_channels(k: usize) -> Option<usize> {
 /// Whether [`conv_weight_grad`] computes this geometry on this CPU (AVX2 and FMA,
 /// `k` ∈ {3, 5}, padding below `k`).
 pub fn supported(g: &Stride1Conv) -> bool {
-    tile_channels(g.k).is_some() && g.pad < g.k && g.out().is_some() && cpu_has_avx2_fma()
+    tile_channels(g.k).is_some() && g.pad < g.k && g.out().is_some() && has_avx2_fma()
 }
 
 /// One image's zero-padded operands: `x` as `cin × ph × pw` planes (`ph = ho + k − 1`,
@@ -155,7 +156,7 @@ pub fn conv_weight_grad(g: &Stride1Conv, n: usize, x: &[f32], dy: &[f32], dw: &m
 fn block(g: &Stride1Conv, l: &Layout, p: &Padded, cb: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(cpu_has_avx2_fma(), "weight grad: no AVX2/FMA");
+        assert!(has_avx2_fma(), "weight grad: no AVX2/FMA");
         assert_eq!(p.x.len(), g.cin * l.ph * l.pw);
         assert_eq!(p.dy.len(), l.blocks * l.mr * l.ho * l.wv);
         assert!(cb < l.blocks && out.len() == l.mr * g.cin * g.k * g.k);
