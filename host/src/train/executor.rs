@@ -156,17 +156,17 @@ impl Network {
         }
         let fuse_relu = batch_norm::use_fused(x);
         let mut relu_done = vec![false; self.logits + 1];
-        // In training, a bias-free `Conv2d` whose only reader is a `BatchNorm` is computed
-        // with it as one op ([`conv_bn`], fused batch norm and fast convolutions): the
-        // convolution node passes its input on and the batch norm runs both.
-        let fuse_conv_bn =
-            train && fuse_relu && conv::mode() == conv::Mode::Fast && conv::supports(x);
-        let mut conv_into_bn = vec![false; self.logits + 1];
-        // Likewise an up-convolution (kernel = stride, no padding, bias, no ReLU) whose
-        // only reader is a `Concat` behind a skip connection runs with it as one op
-        // ([`upcat`]); the up-convolution node passes its input on.
-        let fuse_upcat = conv::mode() == conv::Mode::Fast && conv::supports(x);
-        let mut upconv_into_cat = vec![false; self.logits + 1];
+        // Ops computed by the node after them, when it is their only reader: in training,
+        // a bias-free `Conv2d` by its `BatchNorm` ([`conv_bn`], fused batch norm and fast
+        // convolutions); an up-convolution (kernel = stride, no padding, bias, no ReLU) by
+        // the `Concat` behind a skip connection ([`upcat`]). The fused node passes its
+        // input on and `takes_previous[next]` tells the next node to run both.
+        let fast = conv::mode() == conv::Mode::Fast && conv::supports(x);
+        let fuse_conv_bn = train && fuse_relu && fast;
+        let mut takes_previous = vec![false; self.logits + 1];
+        let only_read_by_next = |id: usize, reads: &dyn Fn(&Op) -> bool| {
+            readers[id] == 1 && self.nodes.get(id + 1).is_some_and(reads)
+        };
         let mut vals: Vec<Option<Tensor>> = vec![None; self.logits + 1];
         for id in 0..=self.logits {
             let op = self.nodes[id];
@@ -188,10 +188,12 @@ impl Network {
                     if fuse_conv_bn
                         && !c.bias
                         && !c.relu
-                        && readers[id] == 1
-                        && matches!(self.nodes.get(id + 1), Some(&Op::BatchNorm { input, .. }) if input as usize == id) =>
+                        && only_read_by_next(
+                            id,
+                            &|n| matches!(n, &Op::BatchNorm { input, .. } if input as usize == id),
+                        ) =>
                 {
-                    conv_into_bn[id + 1] = true;
+                    takes_previous[id + 1] = true;
                     get(c.input)?.clone()
                 }
                 Op::Conv2d(c) => {
@@ -216,15 +218,17 @@ impl Network {
                     }
                 }
                 Op::ConvTranspose2d(c)
-                    if fuse_upcat
+                    if fast
                         && c.bias
                         && !c.relu
                         && c.padding == 0
                         && c.kernel == c.stride
-                        && readers[id] == 1
-                        && matches!(self.nodes.get(id + 1), Some(&Op::Concat { b, .. }) if b as usize == id) =>
+                        && only_read_by_next(
+                            id,
+                            &|n| matches!(n, &Op::Concat { b, .. } if b as usize == id),
+                        ) =>
                 {
-                    upconv_into_cat[id + 1] = true;
+                    takes_previous[id + 1] = true;
                     get(c.input)?.clone()
                 }
                 Op::ConvTranspose2d(c) => {
@@ -254,7 +258,7 @@ impl Network {
                         relu_done[id + 1] = true;
                     }
                     let conv = match self.nodes[input as usize] {
-                        Op::Conv2d(c) if conv_into_bn[id] => Some((
+                        Op::Conv2d(c) if takes_previous[id] => Some((
                             self.p(tensor_name(&graph, input as usize, ParamRole::Weight)?)?,
                             (c.padding.into(), c.stride.into(), c.dilation.into()),
                         )),
@@ -293,7 +297,7 @@ impl Network {
                     let f = usize::from(factor);
                     t.upsample_nearest2d(h * f, w * f)?
                 }
-                Op::Concat { a, b } if upconv_into_cat[id] => {
+                Op::Concat { a, b } if takes_previous[id] => {
                     let Op::ConvTranspose2d(c) = self.nodes[b as usize] else {
                         bail!("node {id}: the fused up-convolution is missing");
                     };
