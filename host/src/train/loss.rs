@@ -79,6 +79,32 @@ struct Sums {
     target: Vec<f64>,
 }
 
+impl Sums {
+    /// Zero sums for `c` classes.
+    fn zeros(c: usize) -> Sums {
+        Sums {
+            ce: 0.0,
+            inter: vec![0.0; c],
+            prob: vec![0.0; c],
+            target: vec![0.0; c],
+        }
+    }
+
+    /// Adds `other`'s sums (same classes) to these.
+    fn add(&mut self, other: &Sums) {
+        self.ce += other.ce;
+        for (mine, theirs) in [
+            (&mut self.inter, &other.inter),
+            (&mut self.prob, &other.prob),
+            (&mut self.target, &other.target),
+        ] {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a += b;
+            }
+        }
+    }
+}
+
 /// The softmax over the `c` classes of pixel `i` of an image (`z`, `(C, plane)`), into
 /// `p` (in `f32`, as candle's softmax); returns `log Σ exp(z − max)` and the max (for
 /// the log-probabilities).
@@ -130,18 +156,18 @@ fn chunks(n: usize, plane: usize) -> Vec<(usize, usize, usize)> {
 }
 
 impl FusedLoss {
-    /// `(cross_entropy, total)` from the batch sums over `m` pixels.
-    fn values(&self, s: &Sums, m: f64) -> (f64, f64) {
+    /// The loss from the batch sums over `m` pixels.
+    fn value(&self, s: &Sums, m: f64) -> f64 {
         let ce = s.ce / m;
         if !self.dice || s.inter.len() < 2 {
-            return (ce, ce);
+            return ce;
         }
         let k = s.inter.len();
         let dice: f64 = (1..k)
             .map(|c| (2.0 * s.inter[c] + 1.0) / (s.prob[c] + s.target[c] + 1.0))
             .sum::<f64>()
             / (k - 1) as f64;
-        (ce, ce + 1.0 - dice)
+        ce + 1.0 - dice
     }
 }
 
@@ -167,12 +193,7 @@ impl CustomOp2 for FusedLoss {
             .into_par_iter()
             .map(|(img, a, b)| {
                 let (zi, yi) = (&z[img * c * plane..], &y[img * c * plane..]);
-                let mut s = Sums {
-                    inter: vec![0.0; c],
-                    prob: vec![0.0; c],
-                    target: vec![0.0; c],
-                    ..Sums::default()
-                };
+                let mut s = Sums::zeros(c);
                 let mut p = vec![0f32; c];
                 for i in a..b {
                     let (lse, m) = softmax_at(zi, plane, i, &mut p);
@@ -189,21 +210,11 @@ impl CustomOp2 for FusedLoss {
                 s
             })
             .collect();
-        let mut total = Sums {
-            inter: vec![0.0; c],
-            prob: vec![0.0; c],
-            target: vec![0.0; c],
-            ..Sums::default()
-        };
+        let mut total = Sums::zeros(c);
         for s in &parts {
-            total.ce += s.ce;
-            for k in 0..c {
-                total.inter[k] += s.inter[k];
-                total.prob[k] += s.prob[k];
-                total.target[k] += s.target[k];
-            }
+            total.add(s);
         }
-        let (_, value) = self.values(&total, (n * plane) as f64);
+        let value = self.value(&total, (n * plane) as f64);
         *self
             .sums
             .lock()
