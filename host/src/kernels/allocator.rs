@@ -9,7 +9,7 @@
 //! `docs/training.md`). [`keep_freed_memory`] turns purging off: the process keeps its
 //! peak footprint, which a training run reaches in its first step anyway.
 
-use std::os::raw::{c_int, c_long};
+use std::os::raw::c_int;
 
 /// `mi_option_purge_delay` in mimalloc's `mi_option_e` (`mimalloc.h`, versions 2 and 3;
 /// `libmimalloc-sys` does not name it): milliseconds before freed memory is purged,
@@ -25,16 +25,16 @@ pub fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
 }
 
-/// mimalloc's current purge delay in milliseconds (−1: never).
-pub fn purge_delay() -> c_long {
-    // SAFETY: `mi_option_get` reads the option table (initialising it from the
-    // environment on first use); it takes any option index.
-    unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// mimalloc's current purge delay in milliseconds (−1: never).
+    fn purge_delay() -> std::os::raw::c_long {
+        // SAFETY: `mi_option_get` reads the option table (initialising it from the
+        // environment on first use); it takes any option index.
+        unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
+    }
 
     #[test]
     fn purge_delay_is_the_option_that_keep_freed_memory_turns_off() {
